@@ -1,0 +1,159 @@
+"""Weighted aggregation of flat parameter vectors, computed by the Rust core.
+
+Inputs are N one-dimensional vectors of equal length and one dtype (float32, float16
+or bfloat16): numpy arrays, CPU torch tensors, or tensors mapped from store files
+(``MappedFile.flat()``). They are handed to Rust as they are -- nothing is copied
+into Python -- and the GIL is released while the kernel runs.
+
+Accumulation is in float32, cache-blocked over groups of clients, and every output
+element is summed in the same fixed client order whatever the thread count: the
+result is bitwise identical for ``threads=1`` and ``threads=8``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeAlias
+
+import numpy as np
+import torch
+
+from emberfl import _core
+from emberfl._core import NonFiniteError
+
+__all__ = [
+    "NonFiniteError",
+    "Vector",
+    "accumulate",
+    "find_nonfinite",
+    "weighted_mean",
+    "weighted_sum",
+]
+
+Vector: TypeAlias = "torch.Tensor | np.ndarray"
+
+_NUMPY_KIND: dict[object, str] = {
+    np.dtype(np.float32): "f32",
+    np.dtype(np.float16): "f16",
+}
+_TORCH_KIND: dict[torch.dtype, str] = {
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+}
+
+
+def _as_numpy(x: Vector, what: str) -> tuple[np.ndarray, str]:
+    """A zero-copy numpy view of ``x`` and its dtype tag (bf16 travels as uint16 bits)."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ValueError(f"{what}: tensors must be on the CPU, got {x.device}")
+        kind = _TORCH_KIND.get(x.dtype)
+        if kind is None:
+            raise TypeError(f"{what}: dtype {x.dtype} is not float32, float16 or bfloat16")
+        if x.dim() != 1:
+            raise ValueError(f"{what}: expected a 1-D vector, got shape {tuple(x.shape)}")
+        t = x.detach()
+        if kind == "bf16":
+            t = t.view(torch.int16)
+        return t.numpy(), kind
+    if isinstance(x, np.ndarray):
+        kind = _NUMPY_KIND.get(x.dtype)
+        if kind is None:
+            raise TypeError(f"{what}: dtype {x.dtype} is not float32 or float16")
+        if x.ndim != 1:
+            raise ValueError(f"{what}: expected a 1-D vector, got shape {x.shape}")
+        return x, kind
+    raise TypeError(f"{what}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _prepare(inputs: Sequence[Vector]) -> tuple[list[np.ndarray], str]:
+    if len(inputs) == 0:
+        raise ValueError("inputs is empty: nothing to aggregate")
+    arrays: list[np.ndarray] = []
+    kinds: set[str] = set()
+    for i, x in enumerate(inputs):
+        arr, kind = _as_numpy(x, f"inputs[{i}]")
+        arrays.append(arr)
+        kinds.add(kind)
+    if len(kinds) != 1:
+        raise TypeError(f"inputs mix dtypes {sorted(kinds)}; all must share one dtype")
+    return arrays, kinds.pop()
+
+
+def _out_array(out: Vector | None, length: int) -> tuple[np.ndarray, Vector]:
+    if out is None:
+        result = torch.empty(length, dtype=torch.float32)
+        return result.numpy(), result
+    if isinstance(out, torch.Tensor):
+        if out.dtype != torch.float32 or out.device.type != "cpu" or out.dim() != 1:
+            raise TypeError("out must be a 1-D float32 CPU tensor")
+        return out.detach().numpy(), out
+    if isinstance(out, np.ndarray):
+        if out.dtype != np.float32 or out.ndim != 1:
+            raise TypeError("out must be a 1-D float32 array")
+        return out, out
+    raise TypeError(f"out: expected a torch.Tensor or numpy.ndarray, got {type(out).__name__}")
+
+
+def _run(
+    inputs: Sequence[Vector],
+    weights: Sequence[float] | np.ndarray | torch.Tensor,
+    out: Vector | None,
+    threads: int,
+    check_finite: bool,
+    normalize: bool,
+) -> Vector:
+    arrays, kind = _prepare(inputs)
+    w = np.asarray(weights.tolist() if isinstance(weights, torch.Tensor) else weights, dtype=np.float64)
+    if w.ndim != 1 or w.shape[0] != len(arrays):
+        raise ValueError(f"expected {len(arrays)} weights, got shape {w.shape}")
+    out_np, result = _out_array(out, arrays[0].shape[0])
+    _core.weighted_sum(arrays, kind, w.tolist(), out_np, threads, check_finite, normalize)
+    return result
+
+
+def weighted_sum(
+    inputs: Sequence[Vector],
+    weights: Sequence[float] | np.ndarray | torch.Tensor,
+    *,
+    out: Vector | None = None,
+    threads: int = 1,
+    check_finite: bool = True,
+) -> Vector:
+    """``sum_i weights[i] * inputs[i]`` in float32.
+
+    Returns ``out`` when given (a float32 tensor or array of the inputs' length),
+    otherwise a new float32 CPU tensor. With ``check_finite`` (the default) a NaN or
+    Inf anywhere in the result raises :class:`NonFiniteError`, which names the inputs
+    that hold non-finite values.
+    """
+    return _run(inputs, weights, out, threads, check_finite, normalize=False)
+
+
+def weighted_mean(
+    inputs: Sequence[Vector],
+    weights: Sequence[float] | np.ndarray | torch.Tensor,
+    *,
+    out: Vector | None = None,
+    threads: int = 1,
+    check_finite: bool = True,
+) -> Vector:
+    """``sum_i weights[i] * inputs[i] / sum_i weights[i]`` in float32.
+
+    Weights must be finite, non-negative and not all zero. See :func:`weighted_sum`.
+    """
+    return _run(inputs, weights, out, threads, check_finite, normalize=True)
+
+
+def accumulate(acc: Vector, x: Vector, weight: float, *, threads: int = 1) -> None:
+    """In place ``acc += weight * x``, for aggregating a stream of updates one by one."""
+    (arr,), kind = _prepare([x])
+    acc_np, _ = _out_array(acc, arr.shape[0])
+    _core.accumulate(acc_np, arr, kind, float(weight), threads)
+
+
+def find_nonfinite(inputs: Sequence[Vector], *, threads: int = 1) -> list[int]:
+    """Indices of the inputs that hold at least one NaN or Inf."""
+    arrays, kind = _prepare(inputs)
+    return list(_core.find_nonfinite(arrays, kind, threads))

@@ -1,0 +1,218 @@
+"""The tensor store: safetensors files written and memory-mapped by the Rust core.
+
+Files are standard safetensors, laid out so that
+
+* the data section starts on a 4096-byte boundary (the JSON header is padded with
+  spaces, which the format allows), so mapped tensors come back page-aligned;
+* tensors are grouped by dtype (widest first, so every tensor is naturally aligned)
+  and keep their given order inside a group: all float32 tensors of a model form one
+  contiguous byte range that the aggregation kernels treat as one flat vector;
+* every write goes to a temporary file in the target directory that is renamed over
+  the target, so a published file is complete and never modified again.
+
+Loading maps the file privately (copy-on-write) and hands out torch tensors that are
+views of the mapping: no bytes are copied on the CPU, and writing into a returned
+tensor never reaches the file. The Rust core validates the whole header before any
+tensor is handed out; any problem raises :class:`StoreError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TypeAlias
+
+import numpy as np
+import torch
+
+from emberfl import _core
+from emberfl._core import StoreError
+
+__all__ = [
+    "MappedFile",
+    "StoreError",
+    "TensorLike",
+    "load",
+    "load_model",
+    "open_file",
+    "save",
+    "save_model",
+]
+
+TensorLike: TypeAlias = "torch.Tensor | np.ndarray"
+PathLike: TypeAlias = "str | os.PathLike[str]"
+
+# safetensors dtype names <-> torch dtypes. bfloat16 has no numpy twin: it travels
+# through numpy as its raw uint16 bits.
+_TORCH_TO_ST: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ST_TO_TORCH: dict[str, torch.dtype] = {v: k for k, v in _TORCH_TO_ST.items()}
+
+
+def _as_contiguous_tensor(name: str, value: object) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        try:
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        except TypeError as exc:
+            raise StoreError(f"tensor {name!r}: unsupported numpy dtype {value.dtype}") from exc
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"tensor {name!r}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+    if value.dtype not in _TORCH_TO_ST:
+        raise StoreError(f"tensor {name!r}: unsupported dtype {value.dtype}")
+    if value.is_sparse or value.layout != torch.strided:
+        raise StoreError(f"tensor {name!r}: only dense (strided) tensors can be stored")
+    return value.detach().cpu().contiguous()
+
+
+def _byte_view(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a 1-D uint8 numpy array, without copying."""
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return np.empty(0, dtype=np.uint8)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    return flat.view(torch.uint8).numpy()
+
+
+def save(
+    path: PathLike,
+    tensors: Mapping[str, TensorLike],
+    metadata: Mapping[str, str] | None = None,
+    durable: bool = False,
+) -> None:
+    """Write ``tensors`` to ``path`` as a safetensors file, atomically.
+
+    ``durable=True`` also fsyncs the file and its directory before returning, so the
+    file survives a power cut once ``save`` has returned.
+    """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a mapping of names to tensors, got {type(tensors).__name__}")
+    names: list[str] = []
+    dtypes: list[str] = []
+    shapes: list[list[int]] = []
+    buffers: list[np.ndarray] = []
+    keep_alive: list[torch.Tensor] = []
+    for name, value in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, got {type(name).__name__}")
+        t = _as_contiguous_tensor(name, value)
+        keep_alive.append(t)
+        names.append(name)
+        dtypes.append(_TORCH_TO_ST[t.dtype])
+        shapes.append(list(t.shape))
+        buffers.append(_byte_view(t))
+    meta = None if metadata is None else [(str(k), str(v)) for k, v in metadata.items()]
+    _core.save_file(os.fspath(path), names, dtypes, shapes, buffers, meta, durable)
+
+
+class MappedFile(Mapping[str, torch.Tensor]):
+    """A validated, privately mapped safetensors file.
+
+    Behaves as a read-only mapping of names to CPU tensors that view the mapping. The
+    mapping stays alive as long as this object or any tensor taken from it does.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self._raw = _core.MappedFile(os.fspath(path))
+        self.metadata: dict[str, str] = dict(self._raw.metadata)
+        data = self._raw.data()  # uint8 numpy array viewing the data section
+        self._bytes = torch.from_numpy(data)
+        self._entries: dict[str, tuple[str, list[int], int, int]] = {
+            name: (dtype, list(shape), start, end)
+            for name, dtype, shape, start, end in self._raw.entries()
+        }
+
+    def _view(self, dtype_name: str, shape: list[int], start: int, end: int) -> torch.Tensor:
+        dtype = _ST_TO_TORCH.get(dtype_name)
+        if dtype is None:
+            raise StoreError(f"{self.path}: dtype {dtype_name} has no torch equivalent")
+        raw = self._bytes[start:end]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if start % itemsize != 0:
+            # Files written by other tools need not align tensors to their itemsize;
+            # torch cannot view such bytes, so this one tensor is copied.
+            raw = raw.clone()
+        return raw.view(dtype).reshape(shape)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        dtype_name, shape, start, end = self._entries[name]
+        return self._view(dtype_name, shape, start, end)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def tensors(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """All tensors in file order; views of the mapping when ``device`` is CPU/None."""
+        out = {name: self[name] for name in self._entries}
+        if device is not None and torch.device(device).type != "cpu":
+            out = {name: t.to(device) for name, t in out.items()}
+        return out
+
+    def flat(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One 1-D view over every tensor of ``dtype``, in file order.
+
+        Raises :class:`StoreError` when those tensors are not one contiguous range
+        (files written by other tools may interleave dtypes).
+        """
+        name = _TORCH_TO_ST.get(dtype)
+        if name is None:
+            raise StoreError(f"unsupported dtype {dtype}")
+        start, end = self._raw.dtype_range(name)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        raw = self._bytes[start:end]
+        if start % itemsize != 0:
+            raw = raw.clone()
+        return raw.view(dtype)
+
+    def names(self, dtype: torch.dtype | None = None) -> list[str]:
+        """Tensor names in file order, optionally only those of ``dtype``."""
+        if dtype is None:
+            return list(self._entries)
+        want = _TORCH_TO_ST.get(dtype)
+        return [n for n, (d, *_rest) in self._entries.items() if d == want]
+
+    def __repr__(self) -> str:
+        return f"MappedFile({str(self.path)!r}, tensors={len(self)})"
+
+
+def open_file(path: PathLike) -> MappedFile:
+    """Map and validate ``path``; the handle gives tensors, metadata and flat views."""
+    return MappedFile(path)
+
+
+def load(path: PathLike, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Load every tensor of ``path``: zero-copy views of a private mapping on the CPU."""
+    return MappedFile(path).tensors(device)
+
+
+def save_model(
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
+    path: PathLike,
+    metadata: Mapping[str, str] | None = None,
+    durable: bool = False,
+) -> None:
+    """Write a module's ``state_dict`` (or a state dict) to ``path``."""
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    save(path, state, metadata=metadata, durable=durable)
+
+
+def load_model(model: torch.nn.Module, path: PathLike, strict: bool = True) -> torch.nn.Module:
+    """Copy the tensors of ``path`` into ``model`` (on whatever device it lives)."""
+    state = load(path)
+    model.load_state_dict(state, strict=strict)
+    return model

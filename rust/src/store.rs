@@ -1,0 +1,355 @@
+//! Writing store files atomically and mapping them for zero-copy reads.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::{MmapMut, MmapOptions};
+
+use crate::dtype::Dtype;
+use crate::header::{self, Header, TensorInfo};
+
+/// Any failure to write, open or validate a store file. The message names the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+fn err(path: &Path, msg: impl std::fmt::Display) -> StoreError {
+    StoreError(format!("{}: {msg}", path.display()))
+}
+
+/// One tensor to write: its bytes must already be in the dtype's little-endian layout.
+pub struct TensorRef<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+}
+
+/// Lays tensors out grouped by dtype (see [`Dtype::WRITE_ORDER`]), keeping the given
+/// order inside each group. Returns the indices of `tensors` in file order and
+/// their header entries.
+fn layout(path: &Path, tensors: &[TensorRef<'_>]) -> Result<(Vec<usize>, Vec<TensorInfo>), StoreError> {
+    let mut seen = HashSet::with_capacity(tensors.len());
+    for t in tensors {
+        if t.name == "__metadata__" {
+            return Err(err(path, "\"__metadata__\" is reserved and cannot name a tensor"));
+        }
+        if !seen.insert(t.name) {
+            return Err(err(path, format_args!("duplicate tensor name {:?}", t.name)));
+        }
+        let expected = header::byte_len(t.dtype, t.shape)
+            .ok_or_else(|| err(path, format_args!("tensor {:?}: shape {:?} overflows", t.name, t.shape)))?;
+        if t.data.len() != expected {
+            return Err(err(
+                path,
+                format_args!(
+                    "tensor {:?}: {} bytes given but shape {:?} of {} needs {expected}",
+                    t.name,
+                    t.data.len(),
+                    t.shape,
+                    t.dtype
+                ),
+            ));
+        }
+    }
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by_key(|&i| tensors[i].dtype.rank()); // stable: keeps order within a dtype
+    let mut offset = 0usize;
+    let infos = order
+        .iter()
+        .map(|&i| {
+            let t = &tensors[i];
+            let start = offset;
+            offset += t.data.len();
+            TensorInfo {
+                name: t.name.to_owned(),
+                dtype: t.dtype,
+                shape: t.shape.to_vec(),
+                start,
+                end: offset,
+            }
+        })
+        .collect();
+    Ok((order, infos))
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn temp_path_for(path: &Path) -> PathBuf {
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    path.with_file_name(format!(
+        ".{file_name}.{}-{n}-{nanos:08x}.tmp",
+        std::process::id()
+    ))
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `tensors` to `path` atomically: a temporary file in the same directory is
+/// written (and fsynced when `durable`) and then renamed over `path`. On any error
+/// the temporary file is removed and `path` is untouched.
+pub fn write_file(
+    path: &Path,
+    tensors: &[TensorRef<'_>],
+    metadata: Option<&[(String, String)]>,
+    durable: bool,
+) -> Result<(), StoreError> {
+    let (order, infos) = layout(path, tensors)?;
+    let head = header::serialize(&infos, metadata);
+    let tmp = temp_path_for(path);
+    let result = (|| -> std::io::Result<()> {
+        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        file.write_all(&head)?;
+        for &i in &order {
+            file.write_all(tensors[i].data)?;
+        }
+        if durable {
+            file.sync_all()?;
+        }
+        drop(file);
+        fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(err(path, format_args!("write failed: {e}")));
+    }
+    if durable {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        fsync_dir(dir).map_err(|e| err(path, format_args!("fsync of directory failed: {e}")))?;
+    }
+    Ok(())
+}
+
+/// A validated store file mapped privately (copy-on-write): writes through the
+/// mapping never reach the file.
+pub struct MappedFile {
+    pub path: PathBuf,
+    pub header: Header,
+    map: Option<MmapMut>,
+}
+
+impl MappedFile {
+    pub fn open(path: &Path) -> Result<MappedFile, StoreError> {
+        let mut file = File::open(path).map_err(|e| err(path, format_args!("cannot open: {e}")))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| err(path, format_args!("cannot stat: {e}")))?
+            .len();
+        if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            return Err(err(path, "not a regular file"));
+        }
+        // The header is read with plain reads and validated before anything is mapped.
+        let mut prefix = [0u8; 8];
+        let got = read_up_to(&mut file, &mut prefix).map_err(|e| err(path, e))?;
+        let n = header::header_len(&prefix[..got], file_len).map_err(|e| err(path, e))?;
+        let mut json = vec![0u8; n];
+        file.read_exact(&mut json)
+            .map_err(|e| err(path, format_args!("cannot read header: {e}")))?;
+        let header = header::parse(&json, file_len).map_err(|e| err(path, e))?;
+        // SAFETY: the mapping is private and we validated that the file is as long as
+        // the header says. Files written by this crate are published by rename and never
+        // modified afterwards, so the length cannot shrink under the mapping.
+        let map = if header.data_start as u64 == file_len {
+            None
+        } else {
+            Some(
+                unsafe { MmapOptions::new().map_copy(&file) }
+                    .map_err(|e| err(path, format_args!("cannot map: {e}")))?,
+            )
+        };
+        if let Some(m) = &map {
+            if m.len() as u64 != file_len {
+                return Err(err(path, "file changed size while being opened"));
+            }
+        }
+        Ok(MappedFile {
+            path: path.to_owned(),
+            header,
+            map,
+        })
+    }
+
+    /// The data section.
+    pub fn data(&self) -> &[u8] {
+        match &self.map {
+            Some(m) => &m[self.header.data_start..],
+            None => &[],
+        }
+    }
+
+    /// Pointer to the start of the data section; valid for `data().len()` bytes as
+    /// long as `self` lives. Writable because the mapping is private.
+    pub fn data_ptr(&mut self) -> *mut u8 {
+        let start = self.header.data_start;
+        match &mut self.map {
+            Some(m) => m[start..].as_mut_ptr(),
+            None => std::ptr::NonNull::<u64>::dangling().as_ptr().cast(),
+        }
+    }
+
+    /// The byte range that covers every tensor of `dtype`, if they are contiguous
+    /// (always true for files we write). `Ok(None)` when the file has none.
+    pub fn dtype_range(&self, dtype: Dtype) -> Result<Option<(usize, usize)>, StoreError> {
+        let mut range: Option<(usize, usize)> = None;
+        let mut broken_by: Option<&str> = None;
+        for t in &self.header.tensors {
+            if t.start == t.end {
+                continue; // empty tensors take no bytes and cannot split a range
+            }
+            match (&mut range, t.dtype == dtype) {
+                (None, true) => range = Some((t.start, t.end)),
+                (Some(r), true) => {
+                    if let Some(other) = broken_by {
+                        return Err(err(
+                            &self.path,
+                            format_args!("{dtype} tensors are not contiguous (tensor {other:?} lies between them)"),
+                        ));
+                    }
+                    r.1 = t.end;
+                }
+                (Some(_), false) => broken_by = broken_by.or(Some(&t.name)),
+                (None, false) => {}
+            }
+        }
+        Ok(range.or_else(|| {
+            self.header
+                .tensors
+                .iter()
+                .find(|t| t.dtype == dtype)
+                .map(|t| (t.start, t.start))
+        }))
+    }
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> Result<usize, String> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("cannot read: {e}")),
+        }
+    }
+    Ok(got)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn write_then_map_groups_by_dtype_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let w1 = f32_bytes(&[1.0, 2.0, 3.0]);
+        let steps = 7i64.to_le_bytes();
+        let w2 = f32_bytes(&[4.0]);
+        let tensors = [
+            TensorRef { name: "w1", dtype: Dtype::F32, shape: &[3], data: &w1 },
+            TensorRef { name: "steps", dtype: Dtype::I64, shape: &[], data: &steps },
+            TensorRef { name: "w2", dtype: Dtype::F32, shape: &[1, 1], data: &w2 },
+        ];
+        let meta = vec![("k".to_string(), "v".to_string())];
+        write_file(&path, &tensors, Some(&meta), true).unwrap();
+        let m = MappedFile::open(&path).unwrap();
+        let names: Vec<&str> = m.header.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["steps", "w1", "w2"]);
+        assert_eq!(m.header.data_start % header::DATA_ALIGNMENT, 0);
+        assert_eq!(m.dtype_range(Dtype::F32).unwrap(), Some((8, 24)));
+        assert_eq!(&m.data()[8..24], [w1.as_slice(), w2.as_slice()].concat().as_slice());
+        assert_eq!(m.header.metadata, Some(meta));
+        assert_eq!(m.dtype_range(Dtype::F16).unwrap(), None);
+        // no temp files left behind
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn private_mapping_does_not_write_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let b = f32_bytes(&[1.0; 4]);
+        write_file(&path, &[TensorRef { name: "x", dtype: Dtype::F32, shape: &[4], data: &b }], None, false)
+            .unwrap();
+        let before = fs::read(&path).unwrap();
+        let mut m = MappedFile::open(&path).unwrap();
+        unsafe { *m.data_ptr() = 0xAB };
+        assert_eq!(m.data()[0], 0xAB);
+        drop(m);
+        assert_eq!(fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn rejects_bad_inputs_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        let b = [0u8; 3];
+        let e = write_file(&path, &[TensorRef { name: "x", dtype: Dtype::F32, shape: &[1], data: &b }], None, false)
+            .unwrap_err();
+        assert!(e.0.contains("needs 4"), "{e}");
+        let ok = [0u8; 4];
+        let dup = [
+            TensorRef { name: "x", dtype: Dtype::F32, shape: &[1], data: &ok },
+            TensorRef { name: "x", dtype: Dtype::F32, shape: &[1], data: &ok },
+        ];
+        assert!(write_file(&path, &dup, None, false).unwrap_err().0.contains("duplicate"));
+        let missing_dir = dir.path().join("nope").join("f.safetensors");
+        let e = write_file(&missing_dir, &[], None, false).unwrap_err();
+        assert!(e.0.contains("write failed"), "{e}");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let b = f32_bytes(&[1.0, 2.0, 3.0, 4.0]);
+        write_file(&path, &[TensorRef { name: "x", dtype: Dtype::F32, shape: &[4], data: &b }], None, false)
+            .unwrap();
+        let full = fs::read(&path).unwrap();
+        let cut = dir.path().join("cut.safetensors");
+        for len in (0..full.len()).step_by(97).chain([full.len() - 1]) {
+            fs::write(&cut, &full[..len]).unwrap();
+            assert!(MappedFile::open(&cut).is_err(), "truncated at {len} was accepted");
+        }
+    }
+
+    #[test]
+    fn empty_data_section_needs_no_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.safetensors");
+        write_file(&path, &[TensorRef { name: "e", dtype: Dtype::F32, shape: &[0], data: &[] }], None, false)
+            .unwrap();
+        let m = MappedFile::open(&path).unwrap();
+        assert!(m.data().is_empty());
+        assert_eq!(m.dtype_range(Dtype::F32).unwrap(), Some((0, 0)));
+    }
+}
