@@ -105,7 +105,9 @@ def _run(
     normalize: bool,
 ) -> Vector:
     arrays, kind = _prepare(inputs)
-    w = np.asarray(weights.tolist() if isinstance(weights, torch.Tensor) else weights, dtype=np.float64)
+    w = np.asarray(
+        weights.tolist() if isinstance(weights, torch.Tensor) else weights, dtype=np.float64
+    )
     if w.ndim != 1 or w.shape[0] != len(arrays):
         raise ValueError(f"expected {len(arrays)} weights, got shape {w.shape}")
     out_np, result = _out_array(out, arrays[0].shape[0])

@@ -67,7 +67,9 @@ def _as_contiguous_tensor(name: str, value: object) -> torch.Tensor:
         except TypeError as exc:
             raise StoreError(f"tensor {name!r}: unsupported numpy dtype {value.dtype}") from exc
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"tensor {name!r}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+        raise TypeError(
+            f"tensor {name!r}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}"
+        )
     if value.dtype not in _TORCH_TO_ST:
         raise StoreError(f"tensor {name!r}: unsupported dtype {value.dtype}")
     if value.is_sparse or value.layout != torch.strided:
@@ -97,7 +99,9 @@ def save(
     file survives a power cut once ``save`` has returned.
     """
     if not isinstance(tensors, Mapping):
-        raise TypeError(f"tensors must be a mapping of names to tensors, got {type(tensors).__name__}")
+        raise TypeError(
+            f"tensors must be a mapping of names to tensors, got {type(tensors).__name__}"
+        )
     names: list[str] = []
     dtypes: list[str] = []
     shapes: list[list[int]] = []

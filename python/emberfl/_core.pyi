@@ -1,0 +1,68 @@
+"""Type stubs for the compiled Rust core (``emberfl._core``)."""
+
+import os
+from typing import final
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "MappedFile",
+    "NonFiniteError",
+    "StoreError",
+    "__version__",
+    "accumulate",
+    "find_nonfinite",
+    "save_file",
+    "weighted_sum",
+]
+
+__version__: str
+
+class StoreError(ValueError):
+    """A store file could not be written, or is not a valid safetensors file."""
+
+class NonFiniteError(ValueError):
+    """An aggregation met NaN or Inf values."""
+
+@final
+class MappedFile:
+    """A validated, privately mapped store file."""
+
+    def __new__(cls, path: str | os.PathLike[str]) -> MappedFile: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def metadata(self) -> dict[str, str]: ...
+    def entries(self) -> list[tuple[str, str, list[int], int, int]]: ...
+    def dtype_range(self, dtype: str) -> tuple[int, int]: ...
+    def data(self) -> npt.NDArray[np.uint8]: ...
+
+def save_file(
+    path: str | os.PathLike[str],
+    names: list[str],
+    dtypes: list[str],
+    shapes: list[list[int]],
+    buffers: list[npt.NDArray[np.uint8]],
+    metadata: list[tuple[str, str]] | None = None,
+    durable: bool = False,
+) -> None: ...
+def weighted_sum(
+    inputs: list[npt.NDArray[np.generic]],
+    kind: str,
+    weights: list[float],
+    out: npt.NDArray[np.float32],
+    threads: int = 1,
+    check_finite: bool = True,
+    normalize: bool = True,
+) -> None: ...
+def accumulate(
+    acc: npt.NDArray[np.float32],
+    x: npt.NDArray[np.generic],
+    kind: str,
+    weight: float,
+    threads: int = 1,
+) -> None: ...
+def find_nonfinite(
+    inputs: list[npt.NDArray[np.generic]], kind: str, threads: int = 1
+) -> list[int]: ...
