@@ -143,12 +143,11 @@ class MappedFile(Mapping[str, torch.Tensor]):
         if dtype is None:
             raise StoreError(f"{self.path}: dtype {dtype_name} has no torch equivalent")
         raw = self._bytes[start:end]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if start % itemsize != 0:
+        if start % dtype.itemsize != 0:
             # Files written by other tools need not align tensors to their itemsize;
             # torch cannot view such bytes, so this one tensor is copied.
             raw = raw.clone()
-        return raw.view(dtype).reshape(shape)
+        return raw.view(dtype).view(shape)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         dtype_name, shape, start, end = self._entries[name]
@@ -177,9 +176,8 @@ class MappedFile(Mapping[str, torch.Tensor]):
         if name is None:
             raise StoreError(f"unsupported dtype {dtype}")
         start, end = self._raw.dtype_range(name)
-        itemsize = torch.empty((), dtype=dtype).element_size()
         raw = self._bytes[start:end]
-        if start % itemsize != 0:
+        if start % dtype.itemsize != 0:
             raw = raw.clone()
         return raw.view(dtype)
 
