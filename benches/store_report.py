@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import safetensors.torch as st
@@ -113,6 +114,43 @@ def read_bandwidth(repeats: int) -> tuple[float, int]:
     return best, best_threads
 
 
+def aggregation_times(n: int, numel: int, tmp: Path, repeats: int) -> dict[str, float]:
+    """Median seconds of each weighted-mean method over ``n`` clients of ``numel`` floats."""
+    g = torch.Generator().manual_seed(n)
+    xs = [torch.randn(numel, generator=g) for _ in range(n)]
+    weights = [float(i % 7 + 1) for i in range(n)]
+    mapped = []
+    for i, x in enumerate(xs):
+        store.save(tmp / f"client{i}.emb", {"w": x})
+        mapped.append(store.open_file(tmp / f"client{i}.emb").flat())
+    out = torch.empty(numel)
+    w_t = torch.tensor(weights) / sum(weights)
+
+    def add_loop() -> None:
+        out.zero_()
+        for wi, x in zip(w_t.tolist(), xs, strict=True):
+            out.add_(x, alpha=wi)
+
+    def stack_matmul() -> None:
+        torch.matmul(w_t, torch.stack(xs))
+
+    methods: dict[str, Callable[[], object]] = {
+        "torch add_ loop": add_loop,
+        "torch.stack + matmul": stack_matmul,
+    }
+    for threads in (1, 2):
+        methods[f"emberfl {threads}t, in memory"] = partial(
+            aggregate.weighted_mean, xs, weights, out=out, threads=threads
+        )
+        methods[f"emberfl {threads}t, mapped files"] = partial(
+            aggregate.weighted_mean, mapped, weights, out=out, threads=threads
+        )
+    times = {k: median_seconds(f, repeats) for k, f in methods.items()}
+    for p in tmp.glob("client*.emb"):
+        p.unlink()
+    return times
+
+
 def aggregation_rows(numel: int, counts: list[int], tmp: Path, repeats: int) -> list[str]:
     ceiling, ceiling_threads = read_bandwidth(repeats)
     rows = [
@@ -123,37 +161,8 @@ def aggregation_rows(numel: int, counts: list[int], tmp: Path, repeats: int) -> 
         f"  {'weighted mean, ' + str(numel / 1e6) + 'M params':<36}{'N':>5}"
         f"{'median ms':>11}{'GB/s':>8}{'% ceil':>8}{'x add_ loop':>13}"
     )
-    g = torch.Generator().manual_seed(0)
     for n in counts:
-        xs = [torch.randn(numel, generator=g) for _ in range(n)]
-        weights = [float(i % 7 + 1) for i in range(n)]
-        mapped = []
-        for i, x in enumerate(xs):
-            store.save(tmp / f"client{i}.emb", {"w": x})
-            mapped.append(store.open_file(tmp / f"client{i}.emb").flat())
-        out = torch.empty(numel)
-        w_t = torch.tensor(weights) / sum(weights)
-
-        def add_loop() -> None:
-            out.zero_()
-            for wi, x in zip(w_t.tolist(), xs):
-                out.add_(x, alpha=wi)
-
-        def stack_matmul() -> None:
-            torch.matmul(w_t, torch.stack(xs))
-
-        methods: dict[str, Callable[[], object]] = {
-            "torch add_ loop": add_loop,
-            "torch.stack + matmul": stack_matmul,
-        }
-        for threads in (1, 2):
-            methods[f"emberfl {threads}t, in memory"] = (
-                lambda t=threads: aggregate.weighted_mean(xs, weights, out=out, threads=t)
-            )
-            methods[f"emberfl {threads}t, mapped files"] = (
-                lambda t=threads: aggregate.weighted_mean(mapped, weights, out=out, threads=t)
-            )
-        times = {k: median_seconds(f, repeats) for k, f in methods.items()}
+        times = aggregation_times(n, numel, tmp, repeats)
         data_gb = n * numel * 4 / 1e9
         for k, v in times.items():
             rate = data_gb / v
@@ -161,10 +170,6 @@ def aggregation_rows(numel: int, counts: list[int], tmp: Path, repeats: int) -> 
                 f"  {k:<36}{n:>5}{v * 1e3:>11.1f}{rate:>8.2f}{100 * rate / ceiling:>7.0f}%"
                 f"{times['torch add_ loop'] / v:>13.2f}"
             )
-        del xs, mapped
-        for p in tmp.glob("client*.emb"):
-            p.unlink()
-        gc.collect()
     return rows
 
 
@@ -184,13 +189,23 @@ def main() -> None:
         numel, counts = 1_000_000, [min(c, 10) for c in counts]
 
     rows = [
-        f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-        f"medians of {args.repeats}"
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"torch threads {torch.get_num_threads()}, medians of {args.repeats}"
     ]
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         tmp = Path(d)
-        rows += io_rows(f"resnet18 ({count_parameters(resnet) / 1e6:.2f}M params)", resnet.state_dict(), tmp, args.repeats)
-        rows += io_rows(f"cifar_cnn ({count_parameters(cnn) / 1e3:.1f}k params)", cnn.state_dict(), tmp, args.repeats)
+        rows += io_rows(
+            f"resnet18 ({count_parameters(resnet) / 1e6:.2f}M params)",
+            resnet.state_dict(),
+            tmp,
+            args.repeats,
+        )
+        rows += io_rows(
+            f"cifar_cnn ({count_parameters(cnn) / 1e3:.1f}k params)",
+            cnn.state_dict(),
+            tmp,
+            args.repeats,
+        )
         rows += aggregation_rows(numel, counts, tmp, args.repeats)
     print("\n".join(rows))
 
