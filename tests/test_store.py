@@ -88,6 +88,15 @@ def test_every_dtype_round_trips_through_us_and_safetensors(tmp_path: Path) -> N
     assert store.open_file(theirs).metadata == {"k": "v"}
 
 
+def test_files_holding_only_empty_tensors(tmp_path: Path) -> None:
+    tensors = {"a": torch.zeros(0), "b": torch.zeros(3, 0, dtype=torch.int64)}
+    store.save(tmp_path / "e.safetensors", tensors)
+    assert_same(store.load(tmp_path / "e.safetensors"), tensors)
+    store.save(tmp_path / "none.safetensors", {})
+    assert store.load(tmp_path / "none.safetensors") == {}
+    assert store.open_file(tmp_path / "e.safetensors").flat().numel() == 0
+
+
 def test_numpy_inputs(tmp_path: Path) -> None:
     arrays = {
         "f": np.arange(6, dtype=np.float32).reshape(2, 3),

@@ -142,6 +142,8 @@ class MappedFile(Mapping[str, torch.Tensor]):
         dtype = _ST_TO_TORCH.get(dtype_name)
         if dtype is None:
             raise StoreError(f"{self.path}: dtype {dtype_name} has no torch equivalent")
+        if start == end:
+            return torch.empty(shape, dtype=dtype)  # nothing to view; also avoids a 0-byte base
         raw = self._bytes[start:end]
         if start % dtype.itemsize != 0:
             # Files written by other tools need not align tensors to their itemsize;
@@ -176,10 +178,7 @@ class MappedFile(Mapping[str, torch.Tensor]):
         if name is None:
             raise StoreError(f"unsupported dtype {dtype}")
         start, end = self._raw.dtype_range(name)
-        raw = self._bytes[start:end]
-        if start % dtype.itemsize != 0:
-            raw = raw.clone()
-        return raw.view(dtype)
+        return self._view(name, [(end - start) // dtype.itemsize], start, end)
 
     def names(self, dtype: torch.dtype | None = None) -> list[str]:
         """Tensor names in file order, optionally only those of ``dtype``."""

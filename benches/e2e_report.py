@@ -1,0 +1,450 @@
+"""End-to-end report: emberfl's pools against a serial and a parallel floor.
+
+FedAvg over CIFAR-10-shaped synthetic data (uint8 3x32x32, 10 classes, generated
+with a fixed seed), all clients in every round, SGD, for two models (the PyTorch
+tutorial CIFAR CNN and a ResNet-18) and two regimes (one local batch per client, where
+framework overhead dominates, and one local epoch). Four ways to run the same work:
+
+``emberfl-process``  ProcessPoolClientTrainer, ``--workers`` worker processes
+``emberfl-thread``   ThreadPoolClientTrainer, ``--workers`` threads, 1 torch thread
+``serial-floor``     a plain loop in one process, averaging with torch; the faster
+                     of 1 and 2 torch threads
+``parallel-floor``   the clients split evenly over ``--workers`` plain processes with
+                     1 torch thread each, each training its share with no
+                     communication at all; a round takes the slowest one's time
+
+Every run is a fresh subprocess, sampled every 50 ms for the RSS and PSS of its whole
+process tree (RSS counts pages of shared file mappings once per process; PSS shares
+them out). "first" is the first round including the trainer's construction (worker
+start-up); "steady" is the mean of the later rounds. All runs read the client data
+from one memory-mapped store file and reuse one model object per process or thread,
+so they differ only in how clients are run and results gathered.
+
+Defaults are the full report (100 clients x 500 samples, 3 rounds, both models and
+regimes): it takes a long time on a small machine. Scale it down with ``--clients``,
+``--rounds``, ``--samples``, ``--models`` and ``--regimes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from emberfl import aggregate, reproducibility, store
+from emberfl.core import (
+    ProcessPoolClientTrainer,
+    ThreadPoolClientTrainer,
+    deserialize_model,
+    serialize_model,
+)
+from emberfl.models import create_model
+
+MODELS = {"cnn": "cifar_cnn", "resnet18": "resnet18"}
+REGIMES = ("batch", "epoch")
+IMPLS = ("emberfl-process", "emberfl-thread", "serial-floor", "parallel-floor")
+IN_SHAPE = (3, 32, 32)
+NUM_CLASSES = 10
+
+
+# ------------------------------------------------------------------ shared client
+
+
+@dataclass(frozen=True)
+class Setup:
+    data: str
+    model: str
+    regime: str
+    samples: int
+    batch: int
+    lr: float
+    seed: int
+
+
+_DATA: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+_MODELS: dict[tuple[str, int], torch.nn.Module] = {}
+_LOCK = threading.Lock()
+
+
+def _data(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mapped data file, opened once per process."""
+    with _LOCK:
+        if path not in _DATA:
+            f = store.open_file(path)
+            _DATA[path] = (f["x"], f["y"])
+        return _DATA[path]
+
+
+def _model(name: str) -> torch.nn.Module:
+    """One model object per (process, thread), reused by every client it runs."""
+    key = (name, threading.get_ident())
+    with _LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = create_model(name, IN_SHAPE, NUM_CLASSES, seed=0)
+        return _MODELS[key]
+
+
+def client_update(setup: Setup, params: torch.Tensor, cid: int, rnd: int) -> torch.Tensor:
+    """Train client ``cid`` from ``params``; returns its flat parameters."""
+    x_all, y_all = _data(setup.data)
+    lo = cid * setup.samples
+    x, y = x_all[lo : lo + setup.samples], y_all[lo : lo + setup.samples]
+    model = _model(setup.model)
+    deserialize_model(model, params)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=setup.lr)
+    g = torch.Generator().manual_seed(reproducibility.client_seed(setup.seed, cid, rnd))
+    order = torch.randperm(setup.samples, generator=g)
+    steps = 1 if setup.regime == "batch" else setup.samples // setup.batch
+    for step in range(steps):
+        idx = order[step * setup.batch : (step + 1) * setup.batch]
+        xb = x[idx].float().div_(255.0)
+        loss = torch.nn.functional.cross_entropy(model(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return serialize_model(model)
+
+
+def initial_params(setup: Setup) -> torch.Tensor:
+    return serialize_model(create_model(setup.model, IN_SHAPE, NUM_CLASSES, seed=0))
+
+
+# --------------------------------------------------------------- implementations
+
+
+class EmberProcessTrainer(ProcessPoolClientTrainer[dict, dict, dict, dict]):
+    def __init__(self, setup: Setup, workers: int, start_method: str) -> None:
+        self.num_parallels = workers
+        self.device = "cpu"
+        self.device_count = 0
+        self.cache: list[dict] = []
+        self.stop_event = threading.Event()
+        self.progress = False
+        self.start_method = start_method
+        self.setup = setup
+
+    def get_client_config(self, cid: int) -> dict:
+        return {"cid": cid, "setup": self.setup}
+
+    @staticmethod
+    def worker(
+        config: dict, payload: dict, device: str, stop_event: Any, *, shm_buffer: Any = None
+    ) -> dict:
+        from emberfl.core import current_client
+
+        rnd = current_client().round
+        params = client_update(config["setup"], payload["params"], config["cid"], rnd)
+        return {"params": params, "n": config["setup"].samples}
+
+
+class EmberThreadTrainer(ThreadPoolClientTrainer[dict, dict]):
+    def __init__(self, setup: Setup, workers: int) -> None:
+        self.num_parallels = workers
+        self.device = "cpu"
+        self.device_count = 0
+        self.cache: list[dict] = []
+        self.stop_event = threading.Event()
+        self.progress = False
+        self.setup = setup
+
+    def worker(self, cid: int, device: str, payload: dict, stop_event: threading.Event) -> dict:
+        from emberfl.core import current_client
+
+        rnd = current_client().round
+        return {"params": client_update(self.setup, payload["params"], cid, rnd), "n": 1}
+
+
+def run_emberfl(
+    setup: Setup, impl: str, clients: int, rounds: int, workers: int, start_method: str
+) -> list[float]:
+    times = []
+    start = time.perf_counter()
+    if impl == "emberfl-process":
+        trainer: Any = EmberProcessTrainer(setup, workers, start_method)
+    else:
+        torch.set_num_threads(1)
+        trainer = EmberThreadTrainer(setup, workers)
+    params = initial_params(setup)
+    cids = list(range(clients))
+    with trainer:
+        for _ in range(rounds):
+            trainer.local_process({"params": params}, cids)
+            uplinks = trainer.uplink_package()
+            params = aggregate.weighted_mean(
+                [u["params"] for u in uplinks], [float(u["n"]) for u in uplinks]
+            )
+            del uplinks
+            now = time.perf_counter()
+            times.append(now - start)
+            start = now
+    return times
+
+
+def run_serial(setup: Setup, clients: int, rounds: int, threads: int) -> list[float]:
+    torch.set_num_threads(threads)
+    times = []
+    params = initial_params(setup)
+    for rnd in range(rounds):
+        start = time.perf_counter()
+        acc = torch.zeros_like(params)
+        for cid in range(clients):
+            acc.add_(client_update(setup, params, cid, rnd), alpha=1.0 / clients)
+        params = acc
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _floor_share(setup: Setup, cids: list[int], rounds: int, out: Any) -> None:
+    torch.set_num_threads(1)
+    params = initial_params(setup)
+    _data(setup.data)  # mapped before timing, as a worker would have it
+    times = []
+    for rnd in range(rounds):
+        start = time.perf_counter()
+        for cid in cids:
+            client_update(setup, params, cid, rnd)
+        times.append(time.perf_counter() - start)
+    out.put(times)
+
+
+def run_parallel_floor(setup: Setup, clients: int, rounds: int, workers: int) -> list[float]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    shares = [list(range(clients))[i::workers] for i in range(workers)]
+    procs = [
+        ctx.Process(target=_floor_share, args=(setup, share, rounds, queue)) for share in shares
+    ]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return [max(r[i] for r in results) for i in range(rounds)]
+
+
+def child_main(args: argparse.Namespace) -> None:
+    setup = Setup(
+        data=args.data,
+        model=MODELS[args.model],
+        regime=args.regime,
+        samples=args.samples,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    impl = args.child
+    if impl.startswith("emberfl"):
+        times = run_emberfl(setup, impl, args.clients, args.rounds, args.workers, args.start_method)
+    elif impl.startswith("serial-floor"):
+        times = run_serial(setup, args.clients, args.rounds, int(impl.rsplit("-", 1)[1][0]))
+    else:
+        times = run_parallel_floor(setup, args.clients, args.rounds, args.workers)
+    print(json.dumps({"times": times}), flush=True)
+
+
+# ------------------------------------------------------------------ orchestrator
+
+
+class TreeSampler:
+    """Peak RSS and PSS (bytes) of a process and all its descendants."""
+
+    def __init__(self, pid: int, period: float = 0.05) -> None:
+        self.root = psutil.Process(pid)
+        self.period = period
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = pss = 0
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                procs = []
+            for p in procs:
+                try:
+                    info = p.memory_full_info()
+                except psutil.Error:
+                    continue
+                rss += info.rss
+                pss += getattr(info, "pss", info.rss)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_pss = max(self.peak_pss, pss)
+            self._stop.wait(self.period)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def make_data(path: Path, clients: int, samples: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n = clients * samples
+    x = torch.randint(0, 256, (n, *IN_SHAPE), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (n,), dtype=torch.int64, generator=g)
+    store.save(path, {"x": x, "y": y})
+
+
+def run_child(args: argparse.Namespace, impl: str, model: str, regime: str, data: Path) -> dict:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        impl,
+        "--model",
+        model,
+        "--regime",
+        regime,
+        "--data",
+        str(data),
+        "--clients",
+        str(args.clients),
+        "--rounds",
+        str(args.rounds),
+        "--samples",
+        str(args.samples),
+        "--batch",
+        str(args.batch),
+        "--lr",
+        str(args.lr),
+        "--workers",
+        str(args.workers),
+        "--seed",
+        str(args.seed),
+        "--start-method",
+        args.start_method,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = TreeSampler(proc.pid)
+    out, err = proc.communicate()
+    sampler.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{impl} {model} {regime} failed:\n{err}")
+    times = json.loads(out.strip().splitlines()[-1])["times"]
+    return {"times": times, "rss": sampler.peak_rss, "pss": sampler.peak_pss}
+
+
+def summarize(times: list[float]) -> tuple[float, float]:
+    first = times[0]
+    later = times[1:] or times
+    return first, sum(later) / len(later)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=500, help="samples per client")
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", default="cnn,resnet18")
+    parser.add_argument("--regimes", default="batch,epoch")
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument(
+        "--start-method",
+        default="spawn",
+        choices=("spawn", "forkserver"),
+        help="how emberfl-process starts its workers",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--regime", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (one first round, one steady round)")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    for m in models:
+        if m not in MODELS:
+            parser.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    for r in regimes:
+        if r not in REGIMES:
+            parser.error(f"unknown regime {r!r}; choose from {', '.join(REGIMES)}")
+    for i in impls:
+        if i not in IMPLS:
+            parser.error(f"unknown implementation {i!r}; choose from {', '.join(IMPLS)}")
+
+    print(
+        f"# {args.clients} clients x {args.samples} samples, {args.rounds} rounds, batch "
+        f"{args.batch}, lr {args.lr}, {args.workers} workers ({args.start_method}), "
+        f"{os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
+    header = (
+        f"{'model':9} {'regime':6} {'run':16} {'first s':>8} {'steady s':>9} {'start-up':>9} "
+        f"{'x par.floor':>11} {'peak RSS MB':>12} {'peak PSS MB':>12}"
+    )
+    with tempfile.TemporaryDirectory(prefix="emberfl-e2e-") as tmp:
+        data = Path(tmp) / "data.safetensors"
+        make_data(data, args.clients, args.samples, args.seed)
+        print(header)
+        print("-" * len(header), flush=True)
+        for model in models:
+            model_mb = (
+                sum(
+                    t.numel() * 4
+                    for t in create_model(MODELS[model], IN_SHAPE, 10).state_dict().values()
+                )
+                / 2**20
+            )
+            for regime in regimes:
+                rows: dict[str, dict] = {}
+                for impl in impls:
+                    if impl == "serial-floor":
+                        one = run_child(args, "serial-floor-1", model, regime, data)
+                        two = run_child(args, "serial-floor-2", model, regime, data)
+                        best = min((one, two), key=lambda r: summarize(r["times"])[1])
+                        best["note"] = "1 thread" if best is one else "2 threads"
+                        rows[impl] = best
+                    else:
+                        rows[impl] = run_child(args, impl, model, regime, data)
+                floor = rows.get("parallel-floor")
+                floor_steady = summarize(floor["times"])[1] if floor else None
+                for impl, row in rows.items():
+                    first, steady = summarize(row["times"])
+                    ratio = f"{steady / floor_steady:.2f}" if floor_steady else "-"
+                    name = impl + (f" ({row['note']})" if "note" in row else "")
+                    print(
+                        f"{model:9} {regime:6} {name:16} {first:8.2f} {steady:9.2f} "
+                        f"{first - steady:9.2f} {ratio:>11} {row['rss'] / 2**20:12.0f} "
+                        f"{row['pss'] / 2**20:12.0f}",
+                        flush=True,
+                    )
+                serial = rows.get("serial-floor")
+                if serial is not None and "emberfl-process" in rows:
+                    budget = serial["rss"] / 2**20 + (args.workers + 3) * model_mb
+                    got = rows["emberfl-process"]["rss"] / 2**20
+                    print(
+                        f"{'':9} {'':6} memory budget (serial floor + {args.workers + 3} x "
+                        f"{model_mb:.1f} MB model): {budget:.0f} MB, emberfl-process "
+                        f"{got:.0f} MB ({'within' if got <= budget else 'OVER'})",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The thread pool: order, per-client context, errors, timeouts, progress hooks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from emberfl.core import (
+    ClientError,
+    ClientTimeoutError,
+    ThreadPoolClientTrainer,
+    current_client,
+)
+
+
+class Trainer(ThreadPoolClientTrainer[dict, dict]):
+    def __init__(self, num_parallels: int) -> None:
+        self.num_parallels = num_parallels
+        self.device = "cpu"
+        self.device_count = 0
+        self.cache: list[dict] = []
+        self.stop_event = threading.Event()
+        self.progress = False
+        self.delays: dict[int, float] = {}
+        self.fail: set[int] = set()
+
+    def worker(self, cid: int, device: str, payload: dict, stop_event: threading.Event) -> dict:
+        ctx = current_client()
+        deadline = time.monotonic() + self.delays.get(cid, 0.0)
+        while time.monotonic() < deadline and not stop_event.is_set():
+            time.sleep(0.01)
+        if cid in self.fail:
+            raise RuntimeError(f"boom in {cid}")
+        return {
+            "cid": cid,
+            "ctx": (ctx.cid, ctx.round, ctx.device),
+            "draw": torch.rand(2, generator=ctx.rng.torch_cpu),
+            "w": payload["w"] + cid,
+            "thread": threading.current_thread().name,
+        }
+
+
+def test_results_in_cid_order_with_per_client_context() -> None:
+    with Trainer(3) as trainer:
+        trainer.delays = {4: 0.3, 1: 0.15}
+        cids = [4, 1, 7, 2]
+        for r in range(2):
+            trainer.local_process({"w": torch.zeros(2)}, cids)
+            out = trainer.uplink_package()
+            assert [p["cid"] for p in out] == cids
+            assert [p["ctx"] for p in out] == [(c, r, "cpu") for c in cids]
+            assert all(torch.equal(p["w"], torch.full((2,), float(p["cid"]))) for p in out)
+            assert all(p["thread"].startswith("emberfl-client-") for p in out)
+        assert trainer.rounds_run == 2
+        assert trainer.stop_event.is_set()
+    # Same (seed, cid, round) -> same draws whatever the thread count.
+    with Trainer(1) as single:
+        single.local_process({"w": torch.zeros(2)}, [7])
+        single.local_process({"w": torch.zeros(2)}, [7])
+        again = single.uplink_package()[1]
+    assert torch.equal(again["draw"], out[2]["draw"])
+
+
+def test_a_raising_client_is_named_and_the_rest_are_dropped() -> None:
+    with Trainer(2) as trainer:
+        trainer.fail = {7}
+        trainer.delays = {3: 10.0}
+        start = time.monotonic()
+        with pytest.raises(ClientError) as info:
+            trainer.local_process({"w": torch.zeros(1)}, [3, 7, 5, 6])
+        # Client 3 polls stop_event, so the running clients end quickly.
+        assert time.monotonic() - start < 5.0
+        assert info.value.cid == 7
+        assert "RuntimeError: boom in 7" in str(info.value)
+        assert "in worker" in info.value.remote_traceback
+        assert trainer.cache == []
+        trainer.fail = set()
+        trainer.delays = {}
+        trainer.local_process({"w": torch.zeros(1)}, [1, 2])
+        assert [p["cid"] for p in trainer.uplink_package()] == [1, 2]
+
+
+def test_client_timeout_in_threads() -> None:
+    with Trainer(2) as trainer:
+        trainer.client_timeout = 0.5  # type: ignore[attr-defined]
+        trainer.delays = {2: 30.0}
+        start = time.monotonic()
+        with pytest.raises(ClientTimeoutError) as info:
+            trainer.local_process({"w": torch.zeros(1)}, [1, 2])
+        assert info.value.cid == 2
+        assert time.monotonic() - start < 3.0
+        assert trainer.stop_event.is_set()
+
+
+class CountingTrainer(Trainer):
+    def __init__(self, num_parallels: int) -> None:
+        super().__init__(num_parallels)
+        self.seen: list[int] = []
+
+    def progress_fn(self, it: list[Future[dict]]) -> Iterable[Future[dict]]:
+        for future in it:
+            self.seen.append(len(it))
+            yield future
+
+
+def test_progress_fn_override_receives_futures() -> None:
+    with CountingTrainer(2) as trainer:
+        trainer.local_process({"w": torch.zeros(1)}, [0, 1, 2])
+        assert trainer.seen == [3, 3, 3]
+        assert len(trainer.uplink_package()) == 3
+
+
+def test_invalid_attributes_are_reported() -> None:
+    trainer = Trainer(0)
+    with pytest.raises(ValueError, match="num_parallels"):
+        trainer.local_process({"w": torch.zeros(1)}, [1])
+    trainer.num_parallels = 1
+    trainer.seed = -1  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="seed"):
+        trainer.local_process({"w": torch.zeros(1)}, [1])
+    trainer.close()
+
+
+def test_current_client_outside_a_client_raises() -> None:
+    with pytest.raises(RuntimeError, match="outside a client"):
+        current_client()
