@@ -31,7 +31,6 @@ from emberfl.core import (
 )
 
 TESTS_DIR = Path(__file__).resolve().parent
-REPO = TESTS_DIR.parent
 
 
 class ScriptedTrainer(ProcessPoolClientTrainer[dict, dict, dict, dict]):
@@ -328,13 +327,12 @@ def _run_script(tmp_path: Path, interrupt: bool) -> tuple[subprocess.Popen[str],
             _EXIT_SCRIPT.format(tests=str(TESTS_DIR), scratch=str(tmp_path), interrupt=interrupt)
         )
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO / "python"))
+    # The child imports the same emberfl as this interpreter (installed or editable).
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
     )
     assert proc.stdout is not None
     pids = [int(x) for x in proc.stdout.readline().split()]
