@@ -1,0 +1,88 @@
+"""Federated-learning algorithms built on :mod:`emberfl.core`.
+
+* FedAvg (McMahan et al. 2017) with BlazeFL 3.0's names: :mod:`emberfl.contrib.fedavg`
+* FedProx (Li et al. 2020): :mod:`emberfl.contrib.fedprox`
+* SCAFFOLD (Karimireddy et al. 2020): :mod:`emberfl.contrib.scaffold`
+* FedAdam, FedYogi, FedAdagrad (Reddi et al. 2021): :mod:`emberfl.contrib.fedopt`
+
+Every algorithm has a server handler and serial, process-pool and thread-pool client
+trainers; FedOpt's clients are FedAvg's. Code written against ``blazefl.contrib``
+runs after changing the import to ``emberfl.contrib``.
+"""
+
+from emberfl.contrib.client_state import ClientStateStore
+from emberfl.contrib.fedavg import (
+    FedAvgBaseClientTrainer,
+    FedAvgBaseServerHandler,
+    FedAvgClientConfig,
+    FedAvgClientUpdate,
+    FedAvgDownlinkPackage,
+    FedAvgPartitionedDataset,
+    FedAvgPartitionType,
+    FedAvgProcessPoolClientTrainer,
+    FedAvgThreadPoolClientTrainer,
+    FedAvgUplinkPackage,
+    LocalRun,
+    NonFinitePolicy,
+)
+from emberfl.contrib.fedopt import (
+    FedAdagradServerHandler,
+    FedAdamServerHandler,
+    FedOptServerHandler,
+    FedYogiServerHandler,
+)
+from emberfl.contrib.fedprox import (
+    FedProxBaseClientTrainer,
+    FedProxBaseServerHandler,
+    FedProxClientUpdate,
+    FedProxProcessPoolClientTrainer,
+    FedProxThreadPoolClientTrainer,
+)
+from emberfl.contrib.layout import ParameterLayout
+from emberfl.contrib.scaffold import (
+    ScaffoldBaseClientTrainer,
+    ScaffoldClientUpdate,
+    ScaffoldDownlinkPackage,
+    ScaffoldProcessPoolClientTrainer,
+    ScaffoldServerHandler,
+    ScaffoldThreadPoolClientTrainer,
+    ScaffoldUplinkPackage,
+)
+from emberfl.contrib.training import LocalTrainingResult, evaluate_loader, local_sgd, sgd_step
+
+__all__ = [
+    "ClientStateStore",
+    "FedAdagradServerHandler",
+    "FedAdamServerHandler",
+    "FedAvgBaseClientTrainer",
+    "FedAvgBaseServerHandler",
+    "FedAvgClientConfig",
+    "FedAvgClientUpdate",
+    "FedAvgDownlinkPackage",
+    "FedAvgPartitionType",
+    "FedAvgPartitionedDataset",
+    "FedAvgProcessPoolClientTrainer",
+    "FedAvgThreadPoolClientTrainer",
+    "FedAvgUplinkPackage",
+    "FedOptServerHandler",
+    "FedProxBaseClientTrainer",
+    "FedProxBaseServerHandler",
+    "FedProxClientUpdate",
+    "FedProxProcessPoolClientTrainer",
+    "FedProxThreadPoolClientTrainer",
+    "FedYogiServerHandler",
+    "LocalRun",
+    "LocalTrainingResult",
+    "NonFinitePolicy",
+    "ParameterLayout",
+    "ScaffoldBaseClientTrainer",
+    "ScaffoldClientUpdate",
+    "ScaffoldDownlinkPackage",
+    "ScaffoldProcessPoolClientTrainer",
+    "ScaffoldServerHandler",
+    "ScaffoldThreadPoolClientTrainer",
+    "ScaffoldUplinkPackage",
+    "evaluate_loader",
+    "local_sgd",
+    "sgd_step",
+]

@@ -1,0 +1,95 @@
+"""FedProx (Li et al. 2020): FedAvg with a proximal term on the clients.
+
+Each client minimises its loss plus ``mu / 2 * ||w - w_global||^2``, which keeps
+local models near the global one when clients' data differ. The term enters as its
+gradient, ``mu * (w - w_global)``, added after every backward pass; the server is
+FedAvg's. With ``mu = 0`` a run is bitwise the same as FedAvg's.
+
+The trainers take FedAvg's arguments plus the keyword ``mu``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from emberfl.contrib.fedavg import (
+    FedAvgBaseClientTrainer,
+    FedAvgBaseServerHandler,
+    FedAvgClientUpdate,
+    FedAvgProcessPoolClientTrainer,
+    FedAvgThreadPoolClientTrainer,
+    LocalRun,
+)
+
+__all__ = [
+    "FedProxBaseClientTrainer",
+    "FedProxBaseServerHandler",
+    "FedProxClientUpdate",
+    "FedProxProcessPoolClientTrainer",
+    "FedProxThreadPoolClientTrainer",
+]
+
+
+def _check_mu(mu: float) -> float:
+    if isinstance(mu, bool) or not isinstance(mu, int | float) or not math.isfinite(mu) or mu < 0:
+        raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
+    return float(mu)
+
+
+class FedProxClientUpdate(FedAvgClientUpdate):
+    """FedAvg's client step plus the proximal gradient ``mu * (w - w_global)``."""
+
+    def __init__(self, mu: float) -> None:
+        self.mu = _check_mu(mu)
+
+    def begin(self, run: LocalRun) -> None:
+        run.extra["prox"] = [
+            (p, p.detach().clone()) for p in run.model.parameters() if p.requires_grad
+        ]
+
+    def after_backward(self, run: LocalRun) -> Callable[[], None] | None:
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = run.extra["prox"]
+        mu = self.mu
+
+        def proximal_gradient() -> None:
+            with torch.no_grad():
+                for p, anchor in pairs:
+                    if p.grad is not None:
+                        p.grad.add_(p - anchor, alpha=mu)
+
+        return proximal_gradient
+
+    def __repr__(self) -> str:
+        return f"FedProxClientUpdate(mu={self.mu})"
+
+
+class FedProxBaseServerHandler(FedAvgBaseServerHandler):
+    """FedProx's server: FedAvg's weighted average of the client models."""
+
+
+class FedProxBaseClientTrainer(FedAvgBaseClientTrainer):
+    """Serial FedProx clients: :class:`FedAvgBaseClientTrainer`'s arguments plus ``mu``."""
+
+    def __init__(self, *args: Any, mu: float = 0.01, **kwargs: Any) -> None:
+        super().__init__(*args, client_update=FedProxClientUpdate(mu), **kwargs)
+        self.mu = float(mu)
+
+
+class FedProxProcessPoolClientTrainer(FedAvgProcessPoolClientTrainer):
+    """FedProx clients in worker processes: FedAvg's arguments plus ``mu``."""
+
+    def __init__(self, *args: Any, mu: float = 0.01, **kwargs: Any) -> None:
+        super().__init__(*args, client_update=FedProxClientUpdate(mu), **kwargs)
+        self.mu = float(mu)
+
+
+class FedProxThreadPoolClientTrainer(FedAvgThreadPoolClientTrainer):
+    """FedProx clients in worker threads: FedAvg's arguments plus ``mu``."""
+
+    def __init__(self, *args: Any, mu: float = 0.01, **kwargs: Any) -> None:
+        super().__init__(*args, client_update=FedProxClientUpdate(mu), **kwargs)
+        self.mu = float(mu)

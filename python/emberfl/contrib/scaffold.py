@@ -1,0 +1,234 @@
+"""SCAFFOLD (Karimireddy et al. 2020): control variates against client drift.
+
+The server keeps a control variate ``c`` and every client ``i`` its own ``c_i``, both
+vectors over the model's trainable parameters. A client's gradients are corrected
+by ``c - c_i`` at every step; after ``K`` steps of learning rate ``lr`` it updates
+(the paper's option II)::
+
+    c_i+ = c_i - c + (x - y_i) / (K * lr)
+
+where ``x`` is the global model it started from and ``y_i`` its trained model. It
+uploads ``y_i`` and ``delta c_i = c_i+ - c_i``; the server averages the models as
+FedAvg does (weighted by data size; ``global_lr`` scales the step) and sets
+``c += sum(delta c_i) / N`` over the ``N`` clients of the federation.
+
+Client controls are never held in memory between rounds: each lives in
+``<state_dir>/<cid>.safetensors`` (a :class:`~emberfl.contrib.ClientStateStore`),
+mapped only while its client runs and replaced atomically, so a federation of
+10,000 clients costs disk, not RAM. A client without a file starts from ``c_i = 0``.
+
+The trainers take FedAvg's arguments; the serial and thread-pool ones also need the
+keyword ``state_dir``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from emberfl.contrib.fedavg import (
+    FedAvgBaseClientTrainer,
+    FedAvgBaseServerHandler,
+    FedAvgClientUpdate,
+    FedAvgDownlinkPackage,
+    FedAvgProcessPoolClientTrainer,
+    FedAvgThreadPoolClientTrainer,
+    FedAvgUplinkPackage,
+    LocalRun,
+)
+from emberfl.contrib.layout import ParameterLayout
+from emberfl.core import deserialize_model, serialize_model
+
+__all__ = [
+    "CONTROL_KEY",
+    "ScaffoldBaseClientTrainer",
+    "ScaffoldClientUpdate",
+    "ScaffoldDownlinkPackage",
+    "ScaffoldProcessPoolClientTrainer",
+    "ScaffoldServerHandler",
+    "ScaffoldThreadPoolClientTrainer",
+    "ScaffoldUplinkPackage",
+]
+
+#: Name of the client control tensor in a client's state file.
+CONTROL_KEY = "scaffold.control"
+
+
+@dataclass(kw_only=True)
+class ScaffoldDownlinkPackage(FedAvgDownlinkPackage):
+    """The global state vector plus the server control ``c`` (parameters only)."""
+
+    control: torch.Tensor
+
+
+@dataclass(kw_only=True)
+class ScaffoldUplinkPackage(FedAvgUplinkPackage):
+    """A FedAvg uplink plus the change of the client's control, ``c_i+ - c_i``."""
+
+    control_delta: torch.Tensor
+
+
+class ScaffoldClientUpdate(FedAvgClientUpdate):
+    """FedAvg's client step with SCAFFOLD's gradient correction and control update."""
+
+    def begin(self, run: LocalRun) -> None:
+        if run.state is None:
+            raise ValueError(
+                "SCAFFOLD keeps each client's control variate on disk: give the trainer a state_dir"
+            )
+        payload = run.payload
+        if not isinstance(payload, ScaffoldDownlinkPackage):
+            raise TypeError(
+                f"SCAFFOLD clients need a ScaffoldDownlinkPackage, got {type(payload).__name__}"
+            )
+        layout = ParameterLayout.of(run.model)
+        server_control = payload.control.to("cpu", torch.float32)
+        if server_control.shape != (layout.num_params,):
+            raise ValueError(
+                f"the server control has shape {tuple(server_control.shape)}, the model "
+                f"has {layout.num_params} trainable values"
+            )
+        stored = run.state.load(run.cid)
+        if stored is None:
+            client_control = torch.zeros(layout.num_params, dtype=torch.float32)
+        else:
+            try:
+                client_control = stored[CONTROL_KEY]
+            except KeyError:
+                raise ValueError(
+                    f"{run.state.path(run.cid)} holds no {CONTROL_KEY!r} tensor"
+                ) from None
+            if client_control.shape != (layout.num_params,):
+                raise ValueError(
+                    f"{run.state.path(run.cid)}: control of shape "
+                    f"{tuple(client_control.shape)}, expected ({layout.num_params},)"
+                )
+        correction = (server_control - client_control).to(run.device)
+        params = layout.parameters(run.model)
+        run.extra.update(
+            layout=layout,
+            server_control=server_control,
+            client_control=client_control,
+            start=layout.gather(payload.model_parameters.to("cpu", torch.float32)),
+            corrections=[
+                (p, view.view_as(p))
+                for p, view in zip(params, layout.split(correction), strict=True)
+            ],
+        )
+
+    def after_backward(self, run: LocalRun) -> Callable[[], None] | None:
+        corrections: list[tuple[torch.Tensor, torch.Tensor]] = run.extra["corrections"]
+
+        def control_correction() -> None:
+            with torch.no_grad():
+                for p, corr in corrections:
+                    if p.grad is not None:
+                        p.grad.add_(corr)
+
+        return control_correction
+
+    def finish(
+        self, run: LocalRun, package: FedAvgUplinkPackage, steps: int
+    ) -> FedAvgUplinkPackage:
+        assert run.state is not None
+        layout: ParameterLayout = run.extra["layout"]
+        c: torch.Tensor = run.extra["server_control"]
+        c_i: torch.Tensor = run.extra["client_control"]
+        x: torch.Tensor = run.extra["start"]
+        if steps > 0:
+            y = layout.gather(package.model_parameters)
+            new_control = (c_i - c) + (x - y) / (steps * run.lr)
+        else:
+            # No step taken (no data, or stopped): nothing was learnt about the drift.
+            new_control = c_i.clone()
+        delta = new_control - c_i
+        run.state.save(run.cid, {CONTROL_KEY: new_control})
+        return ScaffoldUplinkPackage(
+            cid=package.cid,
+            model_parameters=package.model_parameters,
+            data_size=package.data_size,
+            metadata=package.metadata,
+            control_delta=delta,
+        )
+
+
+class ScaffoldServerHandler(FedAvgBaseServerHandler):
+    """SCAFFOLD's server: FedAvg's arguments plus ``global_lr`` (keyword, default 1).
+
+    ``control`` (the server control variate) is part of the state a checkpoint needs.
+    """
+
+    def __init__(self, *args: Any, global_lr: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not (isinstance(global_lr, int | float) and math.isfinite(global_lr) and global_lr > 0):
+            raise ValueError(f"global_lr must be a finite number > 0, got {global_lr!r}")
+        self.global_lr = float(global_lr)
+        self.layout = ParameterLayout.of(self.model)
+        self.control = torch.zeros(self.layout.num_params, dtype=torch.float32)
+
+    def downlink_package(self) -> ScaffoldDownlinkPackage:
+        return ScaffoldDownlinkPackage(serialize_model(self.model), control=self.control.clone())
+
+    def uplink_vectors(self, package: FedAvgUplinkPackage) -> list[torch.Tensor]:
+        return [package.model_parameters, _control_delta(package)]
+
+    def apply_update(self, mean: torch.Tensor, buffer: list[FedAvgUplinkPackage]) -> None:
+        if self.global_lr == 1.0:
+            new_state = mean
+        else:
+            current = serialize_model(self.model).to(torch.float32)
+            # x + global_lr * (mean - x) on the parameters; buffers take the mean.
+            stepped = self.layout.gather(current) + self.global_lr * (
+                self.layout.gather(mean) - self.layout.gather(current)
+            )
+            new_state = self.layout.scatter_(mean.clone(), stepped)
+        deserialize_model(self.model, new_state)
+        deltas = [_control_delta(p) for p in buffer]
+        total = self.average(
+            deltas, [1.0 / self.num_clients] * len(deltas), buffer, "control", mean=False
+        )
+        self.control += total
+
+
+def _control_delta(package: FedAvgUplinkPackage) -> torch.Tensor:
+    if not isinstance(package, ScaffoldUplinkPackage):
+        raise TypeError(
+            f"SCAFFOLD's server needs ScaffoldUplinkPackage uplinks, got {type(package).__name__}"
+        )
+    return package.control_delta
+
+
+def _need_state_dir(kwargs: dict[str, Any], name: str) -> None:
+    if kwargs.get("state_dir") is None:
+        raise ValueError(
+            f"{name} needs state_dir: SCAFFOLD keeps each client's control variate on disk"
+        )
+
+
+class ScaffoldBaseClientTrainer(FedAvgBaseClientTrainer):
+    """Serial SCAFFOLD clients: FedAvg's arguments; the keyword ``state_dir`` is required."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _need_state_dir(kwargs, type(self).__name__)
+        super().__init__(*args, client_update=ScaffoldClientUpdate(), **kwargs)
+
+
+class ScaffoldProcessPoolClientTrainer(FedAvgProcessPoolClientTrainer):
+    """SCAFFOLD clients in worker processes: FedAvg's arguments (``state_dir`` holds
+    the client controls)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, client_update=ScaffoldClientUpdate(), **kwargs)
+
+
+class ScaffoldThreadPoolClientTrainer(FedAvgThreadPoolClientTrainer):
+    """SCAFFOLD clients in worker threads: FedAvg's arguments; the keyword ``state_dir``
+    is required."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _need_state_dir(kwargs, type(self).__name__)
+        super().__init__(*args, client_update=ScaffoldClientUpdate(), **kwargs)

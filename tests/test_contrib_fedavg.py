@@ -1,0 +1,310 @@
+"""FedAvg: BlazeFL compatibility, training on digits, aggregation, NaN handling and
+bitwise agreement of the serial, thread-pool and process-pool trainers."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from emberfl.aggregate import NonFiniteError
+from emberfl.contrib import (
+    FedAvgBaseClientTrainer,
+    FedAvgBaseServerHandler,
+    FedAvgDownlinkPackage,
+    FedAvgPartitionType,
+    FedAvgProcessPoolClientTrainer,
+    FedAvgThreadPoolClientTrainer,
+    FedAvgUplinkPackage,
+)
+from emberfl.core import serialize_model
+from emberfl.data import iid, load_digits
+from emberfl.datastore import StorePartitionedDataset
+from emberfl.simulation import ZooModelSelector, write_store
+
+CLIENTS = 6
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[StorePartitionedDataset, Any]:
+    data = load_digits(seed=0)
+    store = write_store(
+        tmp_path_factory.mktemp("digits") / "store", data, iid(data.train_y, CLIENTS, seed=0)
+    )
+    return store, ZooModelSelector(data.in_shape, data.num_classes, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # Bitwise comparisons need the same intra-op thread count everywhere (reductions
+    # split over threads round differently); one thread also keeps these tiny models
+    # from oversubscribing a busy machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _handler(digits: Any, rounds: int = 2, ratio: float = 0.5, **kw: Any) -> Any:
+    dataset, selector = digits
+    return FedAvgBaseServerHandler(
+        selector, "mlp", dataset, rounds, CLIENTS, ratio, "cpu", 512, 7, **kw
+    )
+
+
+def _train(handler: Any, trainer: Any) -> list[float]:
+    accuracies = [handler.get_summary()["server_acc"]]
+    while not handler.is_stopped():
+        trainer.local_process(handler.downlink_package(), handler.sample_clients())
+        for package in trainer.uplink_package():
+            handler.load(package)
+        accuracies.append(handler.get_summary()["server_acc"])
+    return accuracies
+
+
+def test_blazefl_names_and_constructor_arguments() -> None:
+    blazefl = {
+        "FedAvgBaseServerHandler": [
+            "model_selector", "model_name", "dataset", "global_round", "num_clients",
+            "sample_ratio", "device", "batch_size", "seed",
+        ],
+        "FedAvgBaseClientTrainer": [
+            "model_selector", "model_name", "dataset", "device", "num_clients", "epochs",
+            "batch_size", "lr", "seed",
+        ],
+        "FedAvgProcessPoolClientTrainer": [
+            "model_selector", "model_name", "state_dir", "dataset", "device", "num_clients",
+            "epochs", "batch_size", "lr", "seed", "num_parallels",
+        ],
+        "FedAvgThreadPoolClientTrainer": [
+            "model_selector", "model_name", "dataset", "device", "num_clients", "epochs",
+            "batch_size", "lr", "seed", "num_parallels",
+        ],
+    }  # fmt: skip
+    import emberfl.contrib as contrib
+
+    for name, params in blazefl.items():
+        sig = inspect.signature(getattr(contrib, name).__init__)
+        positional = [
+            p.name
+            for p in sig.parameters.values()
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name != "self"
+        ]
+        assert positional == params, name
+    for name in ("FedAvgUplinkPackage", "FedAvgDownlinkPackage", "FedAvgPartitionedDataset"):
+        assert hasattr(contrib, name)
+    up = FedAvgUplinkPackage(3, torch.zeros(2), 5)
+    assert (up.cid, up.data_size, up.metadata) == (3, 5, None)
+    assert FedAvgPartitionType.TRAIN == "train" and str(FedAvgPartitionType.TEST) == "test"
+
+
+def test_two_rounds_on_digits_improve_accuracy_and_report_metadata(
+    digits: Any, tmp_path: Path
+) -> None:
+    dataset, selector = digits
+    handler = _handler(digits)
+    trainer = FedAvgBaseClientTrainer(
+        selector, "mlp", dataset, "cpu", CLIENTS, 2, 10, 0.1, 7, progress=False
+    )
+    cids = handler.sample_clients()
+    trainer.local_process(handler.downlink_package(), cids)
+    uplinks = trainer.uplink_package()
+    assert [p.cid for p in uplinks] == cids
+    for p in uplinks:
+        assert p.data_size == len(dataset.get_dataset(FedAvgPartitionType.TRAIN, p.cid))
+        assert p.metadata is not None
+        assert p.metadata["loss"] > 0 and p.metadata["train_seconds"] > 0
+        assert p.metadata["steps"] == 2 * -(-p.data_size // 10)
+        assert p.model_parameters.dtype == torch.float32 and p.model_parameters.dim() == 1
+    for p in uplinks:
+        handler.load(p)
+    accuracies = [0.0, handler.get_summary()["server_acc"]]
+    accuracies += _train(handler, trainer)[1:]
+    assert handler.round == 2
+    assert accuracies[-1] > 0.5 > _handler(digits).get_summary()["server_acc"]
+
+
+def test_weighted_average_matches_a_hand_computation(digits: Any) -> None:
+    handler = _handler(digits)
+    n = serialize_model(handler.model).numel()
+    a, b = torch.randn(n), torch.randn(n)
+    handler.load(FedAvgUplinkPackage(0, a, 1))
+    handler.load(FedAvgUplinkPackage(1, b, 3))
+    handler.load(FedAvgUplinkPackage(2, b, 0))
+    assert handler.round == 1
+    torch.testing.assert_close(serialize_model(handler.model), (a + 3 * b) / 4)
+    assert torch.equal(
+        FedAvgBaseServerHandler.aggregate([a, b], [1, 3]), serialize_model(handler.model)
+    )
+
+
+def test_nonfinite_updates_raise_naming_the_client_or_are_dropped(
+    digits: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = _handler(digits)
+    n = serialize_model(handler.model).numel()
+    bad = torch.ones(n)
+    bad[5] = float("nan")
+    before = serialize_model(handler.model).clone()
+    handler.load(FedAvgUplinkPackage(4, torch.ones(n), 2))
+    handler.load(FedAvgUplinkPackage(1, torch.ones(n), 2))
+    with pytest.raises(NonFiniteError, match=r"clients \[5\]"):
+        handler.load(FedAvgUplinkPackage(5, bad, 2))
+    assert torch.equal(serialize_model(handler.model), before)
+
+    dropping = _handler(digits, nonfinite="drop")
+    inf = torch.full((n,), 2.0)
+    inf[0] = float("inf")
+    with caplog.at_level(logging.WARNING, logger="emberfl.contrib.fedavg"):
+        dropping.load(FedAvgUplinkPackage(2, torch.full((n,), 3.0), 1))
+        dropping.load(FedAvgUplinkPackage(3, inf, 5))
+        dropping.load(FedAvgUplinkPackage(5, bad, 1))
+    assert dropping.dropped == [3, 5]
+    assert "dropping 2 client update(s)" in caplog.text
+    assert torch.equal(serialize_model(dropping.model), torch.full((n,), 3.0))
+
+    all_bad = _handler(digits, nonfinite="drop")
+    for cid in range(3):
+        all_bad.load(FedAvgUplinkPackage(cid, bad, 1))
+    assert all_bad.round == 1
+    assert torch.equal(serialize_model(all_bad.model), before)
+
+    with pytest.raises(ValueError, match="nonfinite"):
+        _handler(digits, nonfinite="ignore")
+
+
+def test_sampling_is_seeded_and_independent_of_evaluation(digits: Any) -> None:
+    a, b = _handler(digits, rounds=5), _handler(digits, rounds=5)
+    seq_a = [a.sample_clients() for _ in range(4)]
+    seq_b = []
+    for _ in range(4):
+        b.get_summary()
+        seq_b.append(b.sample_clients())
+    assert seq_a == seq_b
+    assert all(len(s) == 3 and s == sorted(set(s)) for s in seq_a)
+    assert len({tuple(s) for s in seq_a}) > 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rounds": 0}, "global_round"),
+        ({"ratio": 0.0}, "sample_ratio"),
+        ({"ratio": 0.1}, "zero clients"),
+    ],
+)
+def test_server_rejects_bad_settings(digits: Any, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _handler(digits, **kwargs)
+
+
+@pytest.mark.slow
+def test_serial_thread_and_process_trainers_give_bitwise_identical_models(
+    digits: Any, tmp_path: Path
+) -> None:
+    dataset, selector = digits
+    args = (selector, "mlp", dataset, "cpu", CLIENTS, 2, 10, 0.1, 7)
+    models: dict[str, torch.Tensor] = {}
+    serial = FedAvgBaseClientTrainer(*args, progress=False)
+    handler = _handler(digits, rounds=3)
+    _train(handler, serial)
+    models["serial"] = serialize_model(handler.model)
+
+    with FedAvgThreadPoolClientTrainer(*args, 3, progress=False) as threads:
+        handler = _handler(digits, rounds=3)
+        _train(handler, threads)
+        models["thread"] = serialize_model(handler.model)
+
+    process = FedAvgProcessPoolClientTrainer(
+        selector, "mlp", tmp_path / "state", dataset, "cpu", CLIENTS, 2, 10, 0.1, 7, 2,
+        progress=False, share_dir=tmp_path,
+    )  # fmt: skip
+    process.torch_threads = 1  # type: ignore[attr-defined]
+    with process:
+        handler = _handler(digits, rounds=3)
+        _train(handler, process)
+        models["process"] = serialize_model(handler.model)
+
+    assert torch.equal(models["serial"], models["thread"])
+    assert torch.equal(models["serial"], models["process"])
+    # And the run really trained: it differs from the initial model.
+    assert not torch.equal(models["serial"], serialize_model(_handler(digits).model))
+
+
+def test_serial_trainer_restores_the_global_random_state(digits: Any) -> None:
+    dataset, selector = digits
+    trainer = FedAvgBaseClientTrainer(
+        selector, "mlp", dataset, "cpu", CLIENTS, 1, 10, 0.1, 7, progress=False
+    )
+    handler = _handler(digits)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    trainer.local_process(handler.downlink_package(), [0, 1])
+    assert torch.equal(torch.rand(3), expected)
+    # BlazeFL's serial trainer takes the bare parameter vector as well.
+    trainer.uplink_package()
+    trainer.local_process(handler.downlink_package().model_parameters, [0])
+    assert len(trainer.uplink_package()) == 1
+
+
+class _Flaky(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)) * float("inf")
+
+
+class _FlakySelector:
+    def select_model(self, name: str) -> nn.Module:
+        return _Flaky()
+
+
+def test_diverging_clients_stop_the_round_with_a_clear_error(digits: Any) -> None:
+    dataset, _ = digits
+    selector = _FlakySelector()
+    handler = FedAvgBaseServerHandler(selector, "x", dataset, 1, CLIENTS, 0.5, "cpu", 64, 0)
+    trainer = FedAvgThreadPoolClientTrainer(
+        selector, "x", dataset, "cpu", CLIENTS, 1, 10, 0.1, 0, 2, progress=False
+    )
+    with trainer:
+        trainer.local_process(handler.downlink_package(), handler.sample_clients())
+        uplinks = trainer.uplink_package()
+    with pytest.raises(NonFiniteError, match="hold NaN or Inf"):
+        for p in uplinks:
+            handler.load(p)
+
+
+def test_stop_event_ends_local_training_between_epochs(digits: Any) -> None:
+    dataset, selector = digits
+    handler = _handler(digits)
+    trainer = FedAvgThreadPoolClientTrainer(
+        selector, "mlp", dataset, "cpu", CLIENTS, 3, 10, 0.1, 7, 1, progress=False
+    )
+    payload = handler.downlink_package()
+    stop = threading.Event()
+    stop.set()
+    package = trainer.client_update(
+        cid=0,
+        model=selector.select_model("mlp"),
+        payload=FedAvgDownlinkPackage(payload.model_parameters),
+        loader=dataset.get_dataloader(FedAvgPartitionType.TRAIN, 0, 10, torch.Generator()),
+        device="cpu",
+        epochs=3,
+        lr=0.1,
+        stop_event=stop,
+    )
+    assert package.metadata is not None and package.metadata["steps"] == 0
+    assert torch.equal(package.model_parameters, payload.model_parameters)
+    trainer.close()
