@@ -27,7 +27,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -56,7 +56,13 @@ from emberfl.core import (
 )
 from emberfl.core.context import client_scope
 from emberfl.core.runtime import available_cpus
-from emberfl.reproducibility import RandomStateSnapshot, create_rng_suite, seed_client
+from emberfl.reproducibility import (
+    RandomStateSnapshot,
+    create_rng_suite,
+    restore_rng_suite,
+    rng_suite_state,
+    seed_client,
+)
 
 __all__ = [
     "FedAvgBaseClientTrainer",
@@ -233,8 +239,8 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         Threads of the aggregation kernel (default: the CPUs available). The result
         is bitwise the same for any count.
 
-    State that a checkpoint would need: ``model``, ``round`` and ``rng_suite`` (the
-    client sampler).
+    State that a checkpoint needs: ``model``, ``round`` and ``rng_suite`` (the
+    client sampler); :meth:`checkpoint_state` gathers it.
     """
 
     def __init__(
@@ -333,6 +339,33 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
             return
         mean = self.average([p.model_parameters for p in kept], weights, kept, "model")
         self.apply_update(mean, kept)
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Everything later rounds depend on, as CPU tensors for :func:`emberfl.store.save`.
+
+        The global model (``model.<name>``), the round counter (``round``) and the
+        client sampler's generators (``rng.*``). Subclasses add their own state
+        (optimizer moments, control variates) under prefixes of their own.
+        """
+        state: dict[str, torch.Tensor] = {
+            f"model.{k}": v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+        }
+        state["round"] = torch.tensor([self.round], dtype=torch.int64)
+        state.update(rng_suite_state(self.rng_suite, prefix="rng."))
+        return state
+
+    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Continue from a :meth:`checkpoint_state` (taken from a handler built the same way)."""
+        model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        self.model.load_state_dict(model_state, strict=True)
+        round_ = state.get("round")
+        if round_ is None or round_.numel() != 1:
+            raise ValueError("checkpoint state has no 'round' entry")
+        self.round = int(round_.item())
+        self.rng_suite = restore_rng_suite(dict(state), prefix="rng.")
+        self.client_buffer_cache = []
 
     # -- hooks -----------------------------------------------------------------
 
@@ -648,11 +681,6 @@ class FedAvgProcessPoolClientTrainer(
         self.share_dir = share_dir
         if torch_threads is not None:
             self.torch_threads = torch_threads
-
-    # The base class's own (optional) method, named here only because type checkers
-    # take a protocol method without a body for an abstract one; being the base's
-    # function itself, the runtime still sees it as not overridden.
-    prepare_uplink_package_buffer = ProcessPoolClientTrainer.prepare_uplink_package_buffer
 
     def get_client_config(self, cid: int) -> FedAvgClientConfig:
         """The settings of client ``cid``'s task."""

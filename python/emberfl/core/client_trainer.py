@@ -60,7 +60,7 @@ from concurrent.futures import Future
 from multiprocessing.util import Finalize
 from pathlib import Path
 from queue import SimpleQueue
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import torch
 from tqdm import tqdm
@@ -375,6 +375,10 @@ class _Handle:
         self._run(self._index)
 
 
+def _no_buffer_template(trainer: object) -> NoReturn:
+    raise NotImplementedError(f"{type(trainer).__name__} does not define a result buffer template")
+
+
 class ProcessPoolClientTrainer(
     BaseClientTrainer[UplinkPackage, DownlinkPackage],
     Protocol[UplinkPackage, DownlinkPackage, ClientConfig, BufferPackage],
@@ -473,7 +477,9 @@ class ProcessPoolClientTrainer(
         Called once per round. Every client gets a fresh copy as ``shm_buffer``, may
         fill it in place and return a package with :class:`SHMHandle` placeholders.
         """
-        raise NotImplementedError
+        # Deliberately not a bare ``raise``: type checkers treat protocol methods with
+        # trivial bodies as abstract, and this one is optional for subclasses.
+        _no_buffer_template(self)
 
     def convert_buffer_to_uplink(self, buffer: BufferPackage) -> UplinkPackage:
         """Turn a merged result into the uplink package (default: unchanged)."""
