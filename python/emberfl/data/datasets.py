@@ -14,6 +14,7 @@ caller gives, the digits come with scikit-learn, and Synthetic(alpha, beta) is g
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import logging
 import os
 import pickle
@@ -197,6 +198,27 @@ def _stratified_split(
 # digits (scikit-learn, embedded)
 
 
+def _digits_table() -> np.ndarray:
+    """The digits as scikit-learn ships them: 1,797 rows of 64 pixels and a label.
+
+    The CSV is read straight from scikit-learn's package data: importing
+    ``sklearn.datasets`` costs seconds, which would dominate a quick-start run.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in locations:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")
+            if table.shape != (1797, 65):
+                raise DatasetError(f"{path}: expected 1797 rows of 65 values, got {table.shape}")
+            return table
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    bunch = _sk_load_digits()
+    return np.column_stack([bunch.data, bunch.target]).astype(np.float64)
+
+
 def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """scikit-learn's 1,797 8x8 handwritten digits, split train/test stratified by class.
 
@@ -205,12 +227,10 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
-    from sklearn.datasets import load_digits as _sk_load_digits
-
-    bunch = _sk_load_digits()
-    raw = np.asarray(bunch.images, dtype=np.float64)
+    table = _digits_table()
+    raw = table[:, :-1].reshape(-1, 8, 8)
     images = np.rint(raw * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
-    labels = np.asarray(bunch.target, dtype=np.int64)
+    labels = table[:, -1].astype(np.int64)
     train_idx, test_idx = _stratified_split(labels, test_fraction, seed)
     train_x = np.ascontiguousarray(images[train_idx])
     mean, std = _channel_stats(train_x)
