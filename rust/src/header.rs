@@ -148,7 +148,12 @@ pub fn parse(json: &[u8], file_len: u64) -> Result<Header, String> {
         Err(e) => return Err(format!("header is not valid JSON ({e})")),
     };
     let data_start = 8 + json.len();
-    let data_len = usize::try_from(file_len - data_start as u64)
+    // `header_len` already guarantees this for real files; checked here too so that a
+    // caller passing an inconsistent `file_len` gets an error rather than a wrapped length.
+    let data_len = file_len.checked_sub(data_start as u64).ok_or_else(|| {
+        format!("header of {} bytes does not fit in a file of {file_len} bytes", json.len())
+    })?;
+    let data_len = usize::try_from(data_len)
         .map_err(|_| "file too large for this platform".to_string())?;
 
     let mut metadata = None;
@@ -337,5 +342,13 @@ mod tests {
         }
         let bad_utf8 = [b'{', 0xff, b'}'];
         assert!(parse(&bad_utf8, 11).unwrap_err().contains("UTF-8"));
+    }
+
+    #[test]
+    fn file_len_shorter_than_the_header_is_an_error() {
+        // 8 + 2 bytes of header cannot fit in a 9-byte file.
+        assert!(parse(b"{}", 9).unwrap_err().contains("does not fit"));
+        assert!(parse(b"{}", 0).unwrap_err().contains("does not fit"));
+        assert!(parse(b"{}", 10).is_ok());
     }
 }

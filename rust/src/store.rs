@@ -163,13 +163,7 @@ impl MappedFile {
             return Err(err(path, "not a regular file"));
         }
         // The header is read with plain reads and validated before anything is mapped.
-        let mut prefix = [0u8; 8];
-        let got = read_up_to(&mut file, &mut prefix).map_err(|e| err(path, e))?;
-        let n = header::header_len(&prefix[..got], file_len).map_err(|e| err(path, e))?;
-        let mut json = vec![0u8; n];
-        file.read_exact(&mut json)
-            .map_err(|e| err(path, format_args!("cannot read header: {e}")))?;
-        let header = header::parse(&json, file_len).map_err(|e| err(path, e))?;
+        let header = read_header(&mut file, file_len).map_err(|e| err(path, e))?;
         // SAFETY: the mapping is private and we validated that the file is as long as
         // the header says. Files written by this crate are published by rename and never
         // modified afterwards, so the length cannot shrink under the mapping.
@@ -245,7 +239,29 @@ impl MappedFile {
     }
 }
 
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> Result<usize, String> {
+/// Reads the 8-byte prefix and the JSON header from the start of `reader` and validates
+/// them for a file of `file_len` bytes. Only the header is read; the data section is
+/// checked against `file_len` (its extent), not read.
+pub fn read_header<R: Read>(reader: &mut R, file_len: u64) -> Result<Header, String> {
+    let mut prefix = [0u8; 8];
+    let got = read_up_to(reader, &mut prefix)?;
+    let n = header::header_len(&prefix[..got], file_len)?;
+    let mut json = vec![0u8; n];
+    reader
+        .read_exact(&mut json)
+        .map_err(|e| format!("cannot read header: {e}"))?;
+    header::parse(&json, file_len)
+}
+
+/// Validates a whole store file held in memory, exactly as [`MappedFile::open`] validates
+/// a file on disk, and returns its header. On success every tensor's bytes,
+/// `bytes[data_start + start..data_start + end]`, lie inside `bytes`, and together the
+/// tensors cover the data section exactly.
+pub fn validate_image(bytes: &[u8]) -> Result<Header, String> {
+    read_header(&mut &bytes[..], bytes.len() as u64)
+}
+
+fn read_up_to<R: Read>(file: &mut R, buf: &mut [u8]) -> Result<usize, String> {
     let mut got = 0;
     while got < buf.len() {
         match file.read(&mut buf[got..]) {
@@ -340,6 +356,32 @@ mod tests {
             fs::write(&cut, &full[..len]).unwrap();
             assert!(MappedFile::open(&cut).is_err(), "truncated at {len} was accepted");
         }
+    }
+
+    #[test]
+    fn validate_image_agrees_with_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.safetensors");
+        let b = f32_bytes(&[1.0, 2.0]);
+        let steps = 3i64.to_le_bytes();
+        let tensors = [
+            TensorRef { name: "w", dtype: Dtype::F32, shape: &[2], data: &b },
+            TensorRef { name: "steps", dtype: Dtype::I64, shape: &[], data: &steps },
+        ];
+        write_file(&path, &tensors, None, false).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        let from_memory = validate_image(&bytes).unwrap();
+        assert_eq!(from_memory, MappedFile::open(&path).unwrap().header);
+        // Any change of length is caught the same way in memory and on disk.
+        for len in [0, 7, 8, bytes.len() - 1] {
+            let e = validate_image(&bytes[..len]).unwrap_err();
+            fs::write(&path, &bytes[..len]).unwrap();
+            let on_disk = MappedFile::open(&path).err().unwrap();
+            assert!(on_disk.0.ends_with(&e), "{on_disk} vs {e}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(validate_image(&longer).unwrap_err().contains("trailing"));
     }
 
     #[test]
