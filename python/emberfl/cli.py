@@ -1,25 +1,57 @@
-"""The ``emberfl`` command line: ``emberfl run`` and ``emberfl plot``.
+"""The ``emberfl`` command line: ``emberfl run``, ``emberfl resume`` and ``emberfl plot``.
 
 ``emberfl run`` with no arguments is the quick start (FedAvg on the embedded digits
 data). Settings come from the defaults, then ``--config FILE`` (JSON or TOML), then
 the flags given, each overriding the one before. Bad settings and missing data end
-the command with a one-line message and exit status 2.
+the command with a one-line message and exit status 2. Ctrl-C (SIGINT) stops a run with
+exit status 130 and SIGTERM with 143, after stopping the workers and removing the
+temporary files; the last checkpoint stays valid, and ``emberfl resume DIR`` continues
+from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import FrameType
 from typing import Any, TextIO
 
 __all__ = ["build_parser", "main"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is.
+
+    A KeyboardInterrupt so that the runtime stops the workers at once, as on Ctrl-C,
+    instead of waiting for the round's clients.
+    """
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_stops_cleanly() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -162,6 +194,13 @@ def _run_parser(sub: Any) -> argparse.ArgumentParser:
         default=d.nonfinite,
         help="client updates holding NaN/Inf: stop with an error, or drop them with a warning",
     )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="write a checkpoint every N rounds, for `emberfl resume` (0: never; "
+        f"default: {d.checkpoint_every})",
+    )
 
     g = p.add_argument_group("algorithm hyper-parameters")
     add(g, "--mu", type=float, default=d.mu, help="FedProx proximal coefficient")
@@ -221,6 +260,30 @@ def _run_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _resume_parser(sub: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "resume",
+        help="continue an interrupted run from its last checkpoint",
+        description=(
+            "Continue the run in RUN_DIR from its last checkpoint to its configured number\n"
+            "of rounds, with the settings in its config.json (metrics.csv is cut back to\n"
+            "the checkpoint and appended to). Only execution settings may change."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p.add_argument("--workers", type=int, help="parallel clients (as for run)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch threads per worker")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint interval")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no per-round progress bar"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the final accuracy")
+    return p
+
+
 def _plot_parser(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         "plot",
@@ -262,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _run_parser(sub)
+    _resume_parser(sub)
     _plot_parser(sub)
     return parser
 
@@ -296,7 +360,6 @@ class _Table:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from emberfl.data import DatasetError
     from emberfl.simulation import ConfigError, Simulation, SimulationConfig, load_config_file
 
     started = time.perf_counter()
@@ -312,16 +375,46 @@ def _cmd_run(args: argparse.Namespace) -> int:
         simulation = Simulation(config)
     except ConfigError as exc:
         return _fail(str(exc))
+    return _execute(simulation, args, started)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from emberfl.simulation import CheckpointError, ConfigError, Simulation
+
+    started = time.perf_counter()
+    settings = {k: v for k, v in vars(args).items() if k in ("workers", "threads", "progress")}
+    if "checkpoint_every" in vars(args):
+        settings["checkpoint_every"] = args.checkpoint_every
+    settings.setdefault("progress", sys.stderr.isatty())
+    try:
+        simulation = Simulation.for_resume(args.run_dir, **settings)
+    except (ConfigError, CheckpointError) as exc:
+        return _fail(str(exc))
+    return _execute(simulation, args, started)
+
+
+def _execute(simulation: Any, args: argparse.Namespace, started: float) -> int:
+    from emberfl.data import DatasetError
+    from emberfl.simulation import CheckpointError, ConfigError
+
+    config = simulation.config
     table = _Table(sys.stdout)
     with simulation:
         try:
             simulation.prepare()
-        except (ConfigError, DatasetError) as exc:
+        except (ConfigError, DatasetError, CheckpointError) as exc:
             return _fail(str(exc))
+        start = (
+            f"resuming from round {simulation.resumed_from}"
+            if simulation.resumed_from is not None
+            else "starting over (no checkpoint)"
+            if simulation.resume
+            else ""
+        )
         print(
             f"{config.algorithm} on {config.dataset_key}: {config.clients} clients "
             f"({config.clients_per_round} per round), model {config.model_name}, "
-            f"{config.rounds} rounds -> {simulation.run_dir}",
+            f"{config.rounds} rounds -> {simulation.run_dir}" + (f"; {start}" if start else ""),
             flush=True,
         )
         result = simulation.run(None if getattr(args, "quiet", False) else table.row)
@@ -363,9 +456,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        if args.command == "run":
-            return _cmd_run(args)
-        return _cmd_plot(args)
+        with _sigterm_stops_cleanly():
+            if args.command == "run":
+                return _cmd_run(args)
+            if args.command == "resume":
+                return _cmd_resume(args)
+            return _cmd_plot(args)
+    except _Terminated:
+        print("emberfl: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("emberfl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -12,7 +12,21 @@ rounds and writes the run directory:
   (client updates left out for holding NaN/Inf);
 * ``model.safetensors`` -- the final global model, readable by
   :func:`emberfl.store.load` / :func:`emberfl.store.load_model`;
-* ``client_state/`` -- per-client state files (SCAFFOLD's control variates).
+* ``client_state/`` -- per-client state files (SCAFFOLD's control variates);
+* ``checkpoint-<round>/`` and ``latest`` -- the last checkpoint (every
+  ``checkpoint_every`` rounds) and the name of it; :func:`resume_simulation` (``emberfl
+  resume DIR``) continues a run from there.
+
+Checkpoints are written crash-safely: into a temporary directory whose files and the
+directory itself are fsynced, renamed into place (then the run directory is fsynced),
+and only then named by ``latest`` (written by temp file + fsync + rename). The
+previous checkpoint is deleted after that, so at every instant ``latest`` names a
+complete checkpoint. A checkpoint holds ``server.safetensors`` (global model, round,
+the sampler's generators and the algorithm's server state, see
+:meth:`~emberfl.contrib.FedAvgBaseServerHandler.checkpoint_state`), a copy of
+``metrics.csv`` up to its round, hard links to the client state files (those are
+only ever replaced by rename, never rewritten, so a link keeps the state of the
+checkpoint's round) and ``manifest.json``, written last.
 
 Everything a later round depends on lives in the server handler (model, round
 counter, client sampler, optimizer moments, server control) and in the client state
@@ -21,12 +35,14 @@ directory; the client streams are derived from ``(seed, cid, round)``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -74,13 +90,18 @@ __all__ = [
     "DEFAULT_MODELS",
     "PARTITIONS",
     "RUNTIMES",
+    "CheckpointError",
+    "CheckpointInfo",
     "ConfigError",
     "Simulation",
     "SimulationConfig",
     "SimulationResult",
     "ZooModelSelector",
     "default_run_dir",
+    "latest_checkpoint",
+    "load_checkpoint",
     "load_config_file",
+    "resume_simulation",
     "run_simulation",
     "write_store",
 ]
@@ -105,10 +126,28 @@ DEFAULT_MODELS: dict[str, str] = {
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 STATE_DIR = "client_state"
+METRICS_FILE = "metrics.csv"
+LATEST_FILE = "latest"
+CHECKPOINT_PREFIX = "checkpoint-"
+SERVER_FILE = "server.safetensors"
+MANIFEST_FILE = "manifest.json"
+WORK_PREFIX = ".work-"
+CHECKPOINT_FORMAT = 1
+
+_CHECKPOINT_RE = re.compile(r"checkpoint-(0|[1-9][0-9]*)")
+_STATE_FILE_RE = re.compile(r"(0|[1-9][0-9]*)\.safetensors")
+
+#: Settings a resumed run may change: they decide how the rounds run, not what they
+#: compute (results are bitwise the same for any runtime and worker count).
+RESUME_SETTINGS: tuple[str, ...] = ("workers", "threads", "runtime", "progress", "checkpoint_every")
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the setting."""
+
+
+class CheckpointError(ValueError):
+    """A run directory holds no usable checkpoint; the message names the file."""
 
 
 # ------------------------------------------------------------------------ config
@@ -148,6 +187,7 @@ class SimulationConfig:
     beta2: float = 0.99
     tau: float = 1e-3
     nonfinite: str = "raise"
+    checkpoint_every: int | None = 10
     eval_every: int = 1
     eval_batch_size: int = 1024
     synthetic_alpha: float = 1.0
@@ -236,6 +276,8 @@ class SimulationConfig:
         _at_least("epochs", self.epochs, 1)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("eval_every", self.eval_every, 1)
+        if self.checkpoint_every is not None:
+            _at_least("checkpoint_every", self.checkpoint_every, 0)
         _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("shards_per_client", self.shards_per_client, 1)
         _at_least("workers", self.workers, 1 if self.runtime == "thread" else 0)
@@ -477,21 +519,62 @@ class Simulation:
     processes and removes the temporary dataset store. :meth:`prepare` raises
     :class:`ConfigError` or :class:`~emberfl.data.DatasetError` for bad settings and
     missing data before anything has run.
+
+    ``resume=True`` (or :meth:`for_resume`) continues the run already in ``run_dir``
+    from its last checkpoint instead of refusing a directory that holds a run.
     """
 
-    def __init__(self, config: SimulationConfig, run_dir: str | os.PathLike[str] | None = None):
+    def __init__(
+        self,
+        config: SimulationConfig,
+        run_dir: str | os.PathLike[str] | None = None,
+        *,
+        resume: bool = False,
+    ):
         config.validate()
         self.config = config
         if run_dir is None:
             run_dir = config.out if config.out is not None else default_run_dir(config)
         self.run_dir = Path(run_dir)
+        self.resume = resume
         self.handler: FedAvgBaseServerHandler | None = None
         self.trainer: Any = None
         self.data: Dataset | None = None
         self.partition: Partition | None = None
+        #: Called as ``hook(stage, round)`` while a checkpoint is written, at the stages
+        #: ``"written"`` (files complete, not yet renamed into place), ``"renamed"``
+        #: (in place, ``latest`` not yet updated) and ``"done"``: for observing, or for
+        #: tests that interrupt a run at an exact point.
+        self.checkpoint_hook: Callable[[str, int], None] | None = None
+        #: The round of the checkpoint a resumed run started from (None: from scratch).
+        self.resumed_from: int | None = None
         self._work: Path | None = None
         self._writer: MetricsWriter | None = None
         self._threads: int | None = None
+        self._made_run_dir = False
+
+    @classmethod
+    def for_resume(cls, run_dir: str | os.PathLike[str], **settings: Any) -> Simulation:
+        """A simulation that continues the run in ``run_dir`` from its last checkpoint.
+
+        The configuration is the run's ``config.json``; ``settings`` may change only
+        :data:`RESUME_SETTINGS`. Without any checkpoint the run starts over.
+        """
+        directory = Path(run_dir)
+        path = directory / CONFIG_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{directory} is not a run directory: it has no {CONFIG_FILE}")
+        values = load_config_file(path)
+        values.pop("emberfl_version", None)
+        values.pop("out", None)
+        changed = sorted(k for k in settings if k.replace("-", "_") not in RESUME_SETTINGS)
+        if changed:
+            raise ConfigError(
+                f"a resumed run keeps its configuration; only {', '.join(RESUME_SETTINGS)} "
+                f"may change, not {', '.join(changed)}"
+            )
+        config = SimulationConfig.from_mapping({**values, **settings})
+        return cls(config, directory, resume=True)
 
     # -- set-up ----------------------------------------------------------------------
 
@@ -500,12 +583,21 @@ class Simulation:
         if self.handler is not None:
             return
         config = self.config
-        for name in (MODEL_FILE, "metrics.csv"):
-            if (self.run_dir / name).exists():
-                raise ConfigError(
-                    f"{self.run_dir} already holds a run ({name}); choose another output directory"
-                )
-        self._work = Path(tempfile.mkdtemp(prefix="emberfl-run-"))
+        if self.resume:
+            _remove_leftovers(self.run_dir)
+        else:
+            for name in (MODEL_FILE, METRICS_FILE, LATEST_FILE):
+                if (self.run_dir / name).exists():
+                    raise ConfigError(
+                        f"{self.run_dir} already holds a run ({name}); choose another output "
+                        "directory, or resume it"
+                    )
+        if not self.run_dir.exists():
+            self.run_dir.mkdir(parents=True)
+            self._made_run_dir = True
+        # The scratch directory (dataset store, round files) lives in the run directory,
+        # so that whatever a killed run leaves behind is found and removed on resume.
+        self._work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=self.run_dir))
         if config.runtime == "process" and config.workers > 0:
             # Built first so that its worker processes start (a fresh interpreter
             # importing torch takes seconds) while this process loads the data; the
@@ -534,9 +626,55 @@ class Simulation:
         else:
             self.trainer.model_selector = selector
             self.trainer.dataset = dataset
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            self._restore()
         self._write_config()
-        self._writer = MetricsWriter(self.run_dir)
+        self._writer = MetricsWriter(self.run_dir, resume=self.resume)
+        self._made_run_dir = False
+
+    def _restore(self) -> None:
+        """Bring the run directory, handler and trainer back to the last checkpoint."""
+        assert self.handler is not None
+        checkpoint = latest_checkpoint(self.run_dir)
+        state_dir = self.run_dir / STATE_DIR
+        metrics = self.run_dir / METRICS_FILE
+        if checkpoint is None:
+            logger.info("%s has no checkpoint: the run starts over", self.run_dir)
+            for path in (metrics, self.run_dir / MODEL_FILE):
+                path.unlink(missing_ok=True)
+            if state_dir.exists():
+                _replace_dir(state_dir, None)
+            return
+        manifest = _read_manifest(checkpoint)
+        if manifest.get("algorithm") != self.config.algorithm:
+            raise CheckpointError(
+                f"{checkpoint} was written by a {manifest.get('algorithm')!r} run, "
+                f"not {self.config.algorithm!r}"
+            )
+        state = _load_server_state(checkpoint)
+        try:
+            self.handler.load_checkpoint_state(state)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise CheckpointError(
+                f"{checkpoint / SERVER_FILE} does not fit this run: {exc}"
+            ) from exc
+        round_ = self.handler.round
+        if "rounds_run" in dir(type(self.trainer)):
+            self.trainer.rounds_run = round_
+        else:
+            self.trainer.round = round_
+        saved_metrics = checkpoint / METRICS_FILE
+        if saved_metrics.is_file():
+            _copy_durable(saved_metrics, metrics)
+        else:
+            metrics.unlink(missing_ok=True)
+        saved_state = checkpoint / STATE_DIR
+        if saved_state.is_dir() or state_dir.exists():
+            _replace_dir(state_dir, saved_state if saved_state.is_dir() else None)
+        # A final model from a later round than the checkpoint is rewritten at the end.
+        (self.run_dir / MODEL_FILE).unlink(missing_ok=True)
+        self.resumed_from = round_
+        logger.info("resuming %s from round %d", self.run_dir, round_)
 
     def _write_config(self) -> None:
         config = self.config
@@ -691,6 +829,7 @@ class Simulation:
         index = handler.round
         last = handler.is_stopped()
         if index % self.config.eval_every != 0 and not last:
+            self._maybe_checkpoint()
             return None
         summary = handler.get_summary()
         weight = sum(n for _, n in losses)
@@ -708,7 +847,74 @@ class Simulation:
             extra={"train_loss": train_loss, "dropped": float(len(handler.dropped))},
         )
         writer.write(metrics)
+        self._maybe_checkpoint()
         return metrics
+
+    # -- checkpoints -----------------------------------------------------------------
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.config.checkpoint_every
+        assert self.handler is not None
+        if every and self.handler.round % every == 0:
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> Path:
+        """Write ``<run_dir>/checkpoint-<round>`` crash-safely and point ``latest`` at it.
+
+        See the module docstring for the layout and the order of the writes. The
+        previous checkpoint is removed only once the new one is complete and named.
+        """
+        handler = self.handler
+        assert handler is not None, "prepare() has not run"
+        round_ = handler.round
+        name = f"{CHECKPOINT_PREFIX}{round_}"
+        final = self.run_dir / name
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.run_dir))
+        try:
+            store.save(
+                tmp / SERVER_FILE,
+                handler.checkpoint_state(),
+                metadata={"algorithm": self.config.algorithm, "round": str(round_)},
+                durable=True,
+            )
+            metrics = self.run_dir / METRICS_FILE
+            if metrics.is_file():
+                # Rows are flushed as they are written: the file holds every row so far.
+                shutil.copyfile(metrics, tmp / METRICS_FILE)
+                _fsync(tmp / METRICS_FILE)
+            state_dir = self.run_dir / STATE_DIR
+            if state_dir.is_dir():
+                _link_state_files(state_dir, tmp / STATE_DIR)
+            manifest = {
+                "format": CHECKPOINT_FORMAT,
+                "round": round_,
+                "rounds": self.config.rounds,
+                "algorithm": self.config.algorithm,
+                "seed": self.config.seed,
+                "emberfl_version": __version__,
+            }
+            _write_durable(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+            _fsync(tmp, directory=True)
+            self._hook("written", round_)
+            if final.exists():
+                # Left by a run killed before it named this checkpoint: never current.
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync(self.run_dir, directory=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._hook("renamed", round_)
+        _write_durable(self.run_dir / LATEST_FILE, name + "\n")
+        for entry in os.scandir(self.run_dir):
+            if entry.name != name and _CHECKPOINT_RE.fullmatch(entry.name) and entry.is_dir():
+                shutil.rmtree(entry.path, ignore_errors=True)
+        self._hook("done", round_)
+        return final
+
+    def _hook(self, stage: str, round_: int) -> None:
+        if self.checkpoint_hook is not None:
+            self.checkpoint_hook(stage, round_)
 
     def rounds(self) -> Iterator[RoundMetrics]:
         """Run the remaining rounds, yielding the metrics of every evaluated one."""
@@ -734,6 +940,7 @@ class Simulation:
                 "in_shape": json.dumps(list(self.data.in_shape) if self.data else []),
                 "num_classes": str(self.data.num_classes if self.data else 0),
             },
+            durable=True,
         )
         return path
 
@@ -767,6 +974,11 @@ class Simulation:
             if self._work is not None:
                 shutil.rmtree(self._work, ignore_errors=True)
                 self._work = None
+            if self._made_run_dir:
+                # prepare() failed: leave no empty run directory behind.
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()
+                self._made_run_dir = False
 
     def __enter__(self) -> Simulation:
         return self
@@ -800,3 +1012,187 @@ def run_simulation(
     resolved = SimulationConfig.from_mapping(settings, base) if settings else base
     with Simulation(resolved) as simulation:
         return simulation.run(on_round)
+
+
+def resume_simulation(
+    run_dir: str | os.PathLike[str],
+    *,
+    on_round: Callable[[RoundMetrics], None] | None = None,
+    **settings: Any,
+) -> SimulationResult:
+    """Continue the run in ``run_dir`` from its last checkpoint to its last round.
+
+    ``metrics.csv`` is cut back to the checkpoint's round and appended to; the result
+    holds the metrics of the rounds run now. ``settings`` may change only
+    :data:`RESUME_SETTINGS` (e.g. ``workers``). Raises :class:`CheckpointError` when
+    ``run_dir`` is not a run directory or its checkpoint is unusable.
+    """
+    with Simulation.for_resume(run_dir, **settings) as simulation:
+        return simulation.run(on_round)
+
+
+# ------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class CheckpointInfo:
+    """A loaded checkpoint: its directory, round, manifest and server state tensors."""
+
+    path: Path
+    round: int
+    manifest: dict[str, Any]
+    state: dict[str, torch.Tensor]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint directory ``<run_dir>/latest`` names, or ``None`` when there is none.
+
+    Raises :class:`CheckpointError` when ``latest`` names a missing or incomplete one.
+    """
+    directory = Path(run_dir)
+    pointer = directory / LATEST_FILE
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    if _CHECKPOINT_RE.fullmatch(name) is None:
+        raise CheckpointError(f"{pointer} does not name a checkpoint: {name[:80]!r}")
+    path = directory / name
+    if not (path / MANIFEST_FILE).is_file():
+        raise CheckpointError(f"{pointer} names {path}, which is missing or incomplete")
+    return path
+
+
+def load_checkpoint(run_dir: str | os.PathLike[str]) -> CheckpointInfo:
+    """Read and check the last checkpoint of ``run_dir`` (see :func:`latest_checkpoint`)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise CheckpointError(f"{Path(run_dir) / LATEST_FILE} does not exist: no checkpoint")
+    manifest = _read_manifest(path)
+    state = _load_server_state(path)
+    saved = state.get("round")
+    if saved is None or saved.numel() != 1 or int(saved.item()) != manifest.get("round"):
+        raise CheckpointError(f"{path}: the round of {SERVER_FILE} and {MANIFEST_FILE} differ")
+    return CheckpointInfo(path=path, round=int(manifest["round"]), manifest=manifest, state=state)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST_FILE
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {file}: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{file} is not a format-{CHECKPOINT_FORMAT} checkpoint manifest")
+    if not isinstance(manifest.get("round"), int):
+        raise CheckpointError(f"{file} has no round")
+    return manifest
+
+
+def _load_server_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return store.load(path / SERVER_FILE)
+    except (OSError, store.StoreError) as exc:
+        raise CheckpointError(f"cannot load {path / SERVER_FILE}: {exc}") from exc
+
+
+def _fsync(path: Path, *, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: temp file, fsync, rename, fsync of the directory."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync(path.parent, directory=True)
+
+
+def _copy_durable(src: Path, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        _fsync(Path(tmp))
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync(dst.parent, directory=True)
+
+
+def _link_state_files(src: Path, dst: Path) -> None:
+    """Hard-link (or, across file systems, copy) the client state files of ``src``."""
+    dst.mkdir()
+    for entry in os.scandir(src):
+        if _STATE_FILE_RE.fullmatch(entry.name) is None or not entry.is_file():
+            continue  # e.g. the temporary file of a write in progress
+        target = dst / entry.name
+        try:
+            os.link(entry.path, target)
+        except OSError:
+            shutil.copyfile(entry.path, target)
+        _fsync(target)
+    _fsync(dst, directory=True)
+
+
+def _replace_dir(target: Path, source: Path | None) -> None:
+    """Make ``target`` a copy (hard links) of the state files in ``source``, or empty."""
+    fresh = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        if source is not None:
+            fresh.rmdir()
+            _link_state_files(source, fresh)
+        old = None
+        if target.exists():
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{target.name}.old.", suffix=".tmp", dir=target.parent)
+            )
+            os.replace(target, old / target.name)
+        os.rename(fresh, target)
+        _fsync(target.parent, directory=True)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Delete what an interrupted run left in ``run_dir``: scratch directories,
+    unfinished checkpoints and temporary files, and checkpoints ``latest`` does not name."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    current = latest_checkpoint(run_dir)
+    for entry in os.scandir(run_dir):
+        hidden_tmp = entry.name.startswith(".") and entry.name.endswith(".tmp")
+        stale = (
+            entry.name.startswith(WORK_PREFIX)
+            or hidden_tmp
+            or (
+                _CHECKPOINT_RE.fullmatch(entry.name) is not None
+                and (current is None or entry.name != current.name)
+            )
+        )
+        if not stale:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
+    state_dir = run_dir / STATE_DIR
+    if state_dir.is_dir():
+        for entry in os.scandir(state_dir):
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                Path(entry.path).unlink(missing_ok=True)

@@ -21,6 +21,7 @@ The average itself is FedAvg's, on the aggregation kernel.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -77,6 +78,23 @@ class FedOptServerHandler(FedAvgBaseServerHandler):
         n = self.layout.num_params
         self.m = torch.zeros(n, dtype=torch.float32)
         self.v = torch.full((n,), self.tau**2, dtype=torch.float32)
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        state = super().checkpoint_state()
+        state["fedopt.m"] = self.m.clone()
+        state["fedopt.v"] = self.v.clone()
+        return state
+
+    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        super().load_checkpoint_state(state)
+        for name in ("m", "v"):
+            value = state.get(f"fedopt.{name}")
+            if value is None or value.shape != (self.layout.num_params,):
+                raise ValueError(
+                    f"checkpoint state lacks fedopt.{name} of shape ({self.layout.num_params},)"
+                )
+            # A copy: the loaded tensor views a read-only mapping, and m/v are updated in place.
+            setattr(self, name, value.to(torch.float32).clone())
 
     def update_second_moment(self, delta_sq: torch.Tensor) -> None:
         """Update ``self.v`` in place from the squared pseudo-gradient."""

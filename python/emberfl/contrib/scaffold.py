@@ -24,7 +24,7 @@ keyword ``state_dir``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,7 +159,7 @@ class ScaffoldClientUpdate(FedAvgClientUpdate):
 class ScaffoldServerHandler(FedAvgBaseServerHandler):
     """SCAFFOLD's server: FedAvg's arguments plus ``global_lr`` (keyword, default 1).
 
-    ``control`` (the server control variate) is part of the state a checkpoint needs.
+    ``control`` (the server control variate) is part of its :meth:`checkpoint_state`.
     """
 
     def __init__(self, *args: Any, global_lr: float = 1.0, **kwargs: Any) -> None:
@@ -169,6 +169,21 @@ class ScaffoldServerHandler(FedAvgBaseServerHandler):
         self.global_lr = float(global_lr)
         self.layout = ParameterLayout.of(self.model)
         self.control = torch.zeros(self.layout.num_params, dtype=torch.float32)
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        state = super().checkpoint_state()
+        state["scaffold.server_control"] = self.control.clone()
+        return state
+
+    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        super().load_checkpoint_state(state)
+        control = state.get("scaffold.server_control")
+        if control is None or control.shape != (self.layout.num_params,):
+            raise ValueError(
+                "checkpoint state lacks scaffold.server_control of shape "
+                f"({self.layout.num_params},)"
+            )
+        self.control = control.to(torch.float32).clone()
 
     def downlink_package(self) -> ScaffoldDownlinkPackage:
         return ScaffoldDownlinkPackage(serialize_model(self.model), control=self.control.clone())
