@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 import signal
@@ -136,6 +137,8 @@ def test_layout_groups_dtypes_and_aligns_the_data_section(tmp_path: Path) -> Non
     assert torch.equal(flat, expected)
     # The flat vector is a view of the same memory as the named tensors.
     assert flat.data_ptr() == f[f32_names[0]].data_ptr()
+    ranges = [f.byte_range(n) for n in f.names()]
+    assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     # The widest dtype comes first and starts the page-aligned data section.
     first = f.names()[0]
     assert f[first].dtype == torch.int64

@@ -180,6 +180,11 @@ class MappedFile(Mapping[str, torch.Tensor]):
         start, end = self._raw.dtype_range(name)
         return self._view(name, [(end - start) // dtype.itemsize], start, end)
 
+    def byte_range(self, name: str) -> tuple[int, int]:
+        """``(start, end)`` of tensor ``name``'s bytes inside the data section."""
+        _dtype, _shape, start, end = self._entries[name]
+        return start, end
+
     def names(self, dtype: torch.dtype | None = None) -> list[str]:
         """Tensor names in file order, optionally only those of ``dtype``."""
         if dtype is None:

@@ -159,6 +159,7 @@ fn add_group<const G: usize>(acc: &mut [f32], xs: &[&[f32]], w: &[f32]) {
     }
 }
 
+#[inline(always)]
 fn add_any(acc: &mut [f32], xs: &[&[f32]], w: &[f32]) {
     match xs.len() {
         8 => add_group::<8>(acc, xs, w),
@@ -174,7 +175,27 @@ fn add_any(acc: &mut [f32], xs: &[&[f32]], w: &[f32]) {
 }
 
 /// `out[start..start+len]` (given as `out`) += or = the weighted sum, block by block.
+///
+/// On x86-64 CPUs with AVX2 the same code is compiled a second time with 8-wide
+/// vectors. Each element still gets the same multiplies and adds in the same order
+/// (no fused multiply-add), so both versions give bitwise identical results.
 fn sum_range(inputs: &[Input<'_>], w: &[f32], out: &mut [f32], offset: usize, zero_first: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the running CPU supports AVX2.
+        return unsafe { sum_range_avx2(inputs, w, out, offset, zero_first) };
+    }
+    sum_range_portable(inputs, w, out, offset, zero_first)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_range_avx2(inputs: &[Input<'_>], w: &[f32], out: &mut [f32], offset: usize, zero_first: bool) {
+    sum_range_portable(inputs, w, out, offset, zero_first)
+}
+
+#[inline(always)]
+fn sum_range_portable(inputs: &[Input<'_>], w: &[f32], out: &mut [f32], offset: usize, zero_first: bool) {
     let mut scratch = vec![0f32; GROUP * BLOCK];
     let mut b = 0;
     while b < out.len() {
@@ -323,6 +344,19 @@ mod tests {
             weighted_sum(&inputs, &weights, true, &mut many, threads, true).unwrap();
             assert!(one.iter().zip(&many).all(|(a, b)| a.to_bits() == b.to_bits()), "threads={threads}");
         }
+    }
+
+    #[test]
+    fn vector_widths_agree_bitwise() {
+        let len = 10_000;
+        let xs: Vec<Vec<f32>> = (0..11).map(|i| values(300 + i, len)).collect();
+        let inputs: Vec<Input> = xs.iter().map(|x| Input::F32(x)).collect();
+        let w: Vec<f32> = (0..11).map(|i| 0.37 + i as f32 * 0.11).collect();
+        let mut portable = vec![0f32; len];
+        sum_range_portable(&inputs, &w, &mut portable, 0, true);
+        let mut dispatched = vec![0f32; len];
+        sum_range(&inputs, &w, &mut dispatched, 0, true);
+        assert!(portable.iter().zip(&dispatched).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]

