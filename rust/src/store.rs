@@ -171,7 +171,7 @@ impl MappedFile {
             None
         } else {
             Some(
-                unsafe { map_options(file_len).map_copy(&file) }
+                unsafe { MmapOptions::new().map_copy(&file) }
                     .map_err(|e| err(path, format_args!("cannot map: {e}")))?,
             )
         };
@@ -260,20 +260,6 @@ pub fn read_header<R: Read>(reader: &mut R, file_len: u64) -> Result<Header, Str
 pub fn validate_image(bytes: &[u8]) -> Result<Header, String> {
     read_header(&mut &bytes[..], bytes.len() as u64)
 }
-
-/// Small files are pre-faulted in one call (MAP_POPULATE): faulting their few pages
-/// one by one costs more than reading them. Large files are left to fault lazily, so
-/// opening a model does not read it.
-fn map_options(file_len: u64) -> MmapOptions {
-    let mut options = MmapOptions::new();
-    if file_len <= POPULATE_LIMIT {
-        options.populate();
-    }
-    options
-}
-
-/// Files up to this size are pre-faulted when mapped.
-const POPULATE_LIMIT: u64 = 1 << 20;
 
 fn read_up_to<R: Read>(file: &mut R, buf: &mut [u8]) -> Result<usize, String> {
     let mut got = 0;
