@@ -242,19 +242,6 @@ class _ProcessRuntime:
         return self._share, self._stop_flag
 
     @property
-    def rounds_run(self) -> int:
-        """Rounds run so far; the next ``local_process`` runs round ``rounds_run``.
-
-        The round index feeds the per-client random streams. Set it when resuming a
-        run from a checkpoint so that the streams continue where they stopped.
-        """
-        return int(getattr(self, _ROUND_ATTR, 0))
-
-    @rounds_run.setter
-    def rounds_run(self, value: int) -> None:
-        _set_rounds_run(self, value)
-
-    @property
     def share_path(self) -> Path | None:
         return None if self._share is None else self._share.path
 
