@@ -16,7 +16,9 @@ framework overhead dominates, and one local epoch). Four ways to run the same wo
 Every run is a fresh subprocess, sampled every 50 ms for the RSS and PSS of its whole
 process tree (RSS counts pages of shared file mappings once per process; PSS shares
 them out). "first" is the first round including the trainer's construction (worker
-start-up); "steady" is the mean of the later rounds. All runs read the client data
+start-up); "steady" is the mean of the later rounds. With ``--repeat K`` every
+implementation runs K times, in rotating order, and a row shows the median first and
+steady round and the highest memory peak. All runs read the client data
 from one memory-mapped store file and reuse one model object per process or thread,
 so they differ only in how clients are run and results gathered.
 
@@ -31,6 +33,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -258,6 +261,19 @@ def child_main(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ orchestrator
 
 
+def _rollup(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes of one process, from /proc/PID/smaps_rollup: one cheap read,
+    where psutil's memory_full_info walks every mapping (and so perturbs the timings)."""
+    rss = pss = 0
+    with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+        for line in f:
+            if line.startswith(b"Rss:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith(b"Pss:"):
+                pss = int(line.split()[1]) * 1024
+    return rss, pss
+
+
 class TreeSampler:
     """Peak RSS and PSS (bytes) of a process and all its descendants."""
 
@@ -279,11 +295,11 @@ class TreeSampler:
                 procs = []
             for p in procs:
                 try:
-                    info = p.memory_full_info()
-                except psutil.Error:
+                    r, s = _rollup(p.pid)
+                except OSError:
                     continue
-                rss += info.rss
-                pss += getattr(info, "pss", info.rss)
+                rss += r
+                pss += s
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_pss = max(self.peak_pss, pss)
             self._stop.wait(self.period)
@@ -346,6 +362,18 @@ def summarize(times: list[float]) -> tuple[float, float]:
     return first, sum(later) / len(later)
 
 
+def combine(runs: list[dict]) -> dict:
+    """One row from repeated runs of one implementation: median first and steady round
+    (this machine is shared; a single run can be off by 30%), highest memory peak."""
+    summaries = [summarize(r["times"]) for r in runs]
+    return {
+        "first": statistics.median(s[0] for s in summaries),
+        "steady": statistics.median(s[1] for s in summaries),
+        "rss": max(r["rss"] for r in runs),
+        "pss": max(r["pss"] for r in runs),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=100)
@@ -355,6 +383,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per implementation (alternating); rows show medians and peak memory",
+    )
     parser.add_argument("--models", default="cnn,resnet18")
     parser.add_argument("--regimes", default="batch,epoch")
     parser.add_argument("--impls", default=",".join(IMPLS))
@@ -412,22 +446,26 @@ def main() -> None:
                 / 2**20
             )
             for regime in regimes:
-                rows: dict[str, dict] = {}
-                for impl in impls:
-                    if impl == "serial-floor":
-                        one = run_child(args, "serial-floor-1", model, regime, data)
-                        two = run_child(args, "serial-floor-2", model, regime, data)
-                        best = min((one, two), key=lambda r: summarize(r["times"])[1])
-                        best["note"] = "1 thread" if best is one else "2 threads"
-                        rows[impl] = best
-                    else:
-                        rows[impl] = run_child(args, impl, model, regime, data)
+                runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+                notes: dict[str, str] = {}
+                for rep in range(args.repeat):
+                    # Rotate the order so no implementation always runs first (or last).
+                    for impl in impls[rep % len(impls) :] + impls[: rep % len(impls)]:
+                        if impl == "serial-floor":
+                            one = run_child(args, "serial-floor-1", model, regime, data)
+                            two = run_child(args, "serial-floor-2", model, regime, data)
+                            one_s, two_s = summarize(one["times"])[1], summarize(two["times"])[1]
+                            runs[impl].append(one if one_s <= two_s else two)
+                            notes[impl] = "1 thread" if one_s <= two_s else "2 threads"
+                        else:
+                            runs[impl].append(run_child(args, impl, model, regime, data))
+                rows = {impl: combine(r) for impl, r in runs.items()}
                 floor = rows.get("parallel-floor")
-                floor_steady = summarize(floor["times"])[1] if floor else None
+                floor_steady = floor["steady"] if floor else None
                 for impl, row in rows.items():
-                    first, steady = summarize(row["times"])
+                    first, steady = row["first"], row["steady"]
                     ratio = f"{steady / floor_steady:.2f}" if floor_steady else "-"
-                    name = impl + (f" ({row['note']})" if "note" in row else "")
+                    name = impl + (f" ({notes[impl]})" if impl in notes else "")
                     print(
                         f"{model:9} {regime:6} {name:16} {first:8.2f} {steady:9.2f} "
                         f"{first - steady:9.2f} {ratio:>11} {row['rss'] / 2**20:12.0f} "

@@ -239,6 +239,27 @@ def test_retry_crashed_restarts_the_worker_and_retries_once(trainer: ScriptedTra
     assert pool.stats.restarts == restarts + 1
 
 
+def test_tasks_queued_behind_a_crashed_client_are_rerun_in_order(
+    trainer: ScriptedTrainer,
+) -> None:
+    # With many clients each worker has a second task queued behind its running one;
+    # when the worker dies, that queued task never ran and must be run elsewhere once.
+    _reset(trainer)
+    trainer.retry_crashed = True  # type: ignore[attr-defined]
+    trainer.actions = {13: ("die_once", 0.0)}
+    pool = trainer._emberfl_runtime[0].pool  # type: ignore[attr-defined]
+    sent = pool.stats.tasks_sent
+    cids = list(range(10, 30))
+    trainer.local_process(_payload(1.0), cids)
+    # Every client once, plus the crashed one again, plus the one queued behind it.
+    assert pool.stats.tasks_sent - sent == len(cids) + 2
+    results = trainer.uplink_package()
+    assert [p["cid"] for p in results] == cids
+    for p in results:
+        assert torch.equal(p["w"], torch.full((3,), 1.0 + p["cid"]))
+    assert (trainer.scratch / "died-13").exists()
+
+
 def test_client_timeout_stops_a_stuck_client(trainer: ScriptedTrainer) -> None:
     _reset(trainer)
     trainer.client_timeout = 1.0  # type: ignore[attr-defined]

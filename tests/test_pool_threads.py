@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +132,61 @@ def test_invalid_attributes_are_reported() -> None:
 def test_current_client_outside_a_client_raises() -> None:
     with pytest.raises(RuntimeError, match="outside a client"):
         current_client()
+
+
+def test_close_waits_for_the_threads_to_exit() -> None:
+    # A thread still unwinding torch state while the interpreter tears down the C++
+    # runtime can abort the process at exit ("terminate called without an active
+    # exception"), so close() returns only once the threads are gone.
+    with Trainer(2) as t:
+        t.local_process({"w": torch.zeros(3)}, list(range(6)))
+        assert any(th.name.startswith("emberfl-client-") for th in threading.enumerate())
+    assert not [th for th in threading.enumerate() if th.name.startswith("emberfl-client-")]
+
+
+_EXIT_SCRIPT = """
+import threading
+import torch
+from emberfl.core import ThreadPoolClientTrainer, current_client
+from emberfl.models import create_model
+
+MODELS = {}
+
+class T(ThreadPoolClientTrainer[dict, dict]):
+    def __init__(self):
+        self.num_parallels = 2
+        self.device = "cpu"
+        self.device_count = 0
+        self.cache = []
+        self.stop_event = threading.Event()
+        self.progress = False
+
+    def worker(self, cid, device, payload, stop_event):
+        key = threading.get_ident()
+        model = MODELS.setdefault(key, create_model("cifar_cnn", (3, 32, 32), 10, seed=0))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.rand(50, 3, 32, 32, generator=current_client().rng.torch_cpu)
+        loss = torch.nn.functional.cross_entropy(model(x), torch.zeros(50, dtype=torch.long))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return {"w": payload["w"] + cid}
+
+torch.set_num_threads(1)
+with T() as t:
+    for _ in range(2):
+        t.local_process({"w": torch.zeros(3)}, list(range(20)))
+        t.uplink_package()
+print("ok")
+"""
+
+
+def test_a_script_using_the_thread_pool_exits_cleanly(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(_EXIT_SCRIPT)
+    for _ in range(3):
+        proc = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == "ok"

@@ -131,29 +131,27 @@ class MappedFile(Mapping[str, torch.Tensor]):
         self.path = Path(path)
         self._raw = _core.MappedFile(os.fspath(path))
         self.metadata: dict[str, str] = dict(self._raw.metadata)
-        data = self._raw.data()  # uint8 numpy array viewing the data section
-        self._bytes = torch.from_numpy(data)
-        self._entries: dict[str, tuple[str, list[int], int, int]] = {
-            name: (dtype, list(shape), start, end)
-            for name, dtype, shape, start, end in self._raw.entries()
+        # name -> (index in file order, dtype name, shape, start, end)
+        self._entries: dict[str, tuple[int, str, list[int], int, int]] = {
+            name: (i, dtype, shape, start, end)
+            for i, (name, dtype, shape, start, end) in enumerate(self._raw.entries())
         }
+        self._arrays: list[np.ndarray] | None = None
 
-    def _view(self, dtype_name: str, shape: list[int], start: int, end: int) -> torch.Tensor:
-        dtype = _ST_TO_TORCH.get(dtype_name)
-        if dtype is None:
-            raise StoreError(f"{self.path}: dtype {dtype_name} has no torch equivalent")
-        if start == end:
-            return torch.empty(shape, dtype=dtype)  # nothing to view; also avoids a 0-byte base
-        raw = self._bytes[start:end]
-        if start % dtype.itemsize != 0:
-            # Files written by other tools need not align tensors to their itemsize;
-            # torch cannot view such bytes, so this one tensor is copied.
-            raw = raw.clone()
-        return raw.view(dtype).view(shape)
+    def _tensor(self, index: int, dtype_name: str) -> torch.Tensor:
+        if self._arrays is None:
+            # Typed, shaped numpy views built by the core in one call: from_numpy is
+            # the cheapest way into torch (one op per tensor, which matters for small
+            # models loaded every round).
+            self._arrays = self._raw.arrays()
+        t = torch.from_numpy(self._arrays[index])
+        if dtype_name == "BF16":
+            t = t.view(torch.bfloat16)
+        return t
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        dtype_name, shape, start, end = self._entries[name]
-        return self._view(dtype_name, shape, start, end)
+        index, dtype_name, _shape, _start, _end = self._entries[name]
+        return self._tensor(index, dtype_name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -163,7 +161,7 @@ class MappedFile(Mapping[str, torch.Tensor]):
 
     def tensors(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """All tensors in file order; views of the mapping when ``device`` is CPU/None."""
-        out = {name: self[name] for name in self._entries}
+        out = {name: self._tensor(e[0], e[1]) for name, e in self._entries.items()}
         if device is not None and torch.device(device).type != "cpu":
             out = {name: t.to(device) for name, t in out.items()}
         return out
@@ -178,11 +176,18 @@ class MappedFile(Mapping[str, torch.Tensor]):
         if name is None:
             raise StoreError(f"unsupported dtype {dtype}")
         start, end = self._raw.dtype_range(name)
-        return self._view(name, [(end - start) // dtype.itemsize], start, end)
+        if start == end:
+            return torch.empty(0, dtype=dtype)
+        raw = torch.from_numpy(self._raw.data()[start:end])
+        if start % dtype.itemsize != 0:
+            # Files written by other tools need not align tensors to their item size;
+            # torch cannot view such bytes, so they are copied.
+            raw = raw.clone()
+        return raw.view(dtype)
 
     def byte_range(self, name: str) -> tuple[int, int]:
         """``(start, end)`` of tensor ``name``'s bytes inside the data section."""
-        _dtype, _shape, start, end = self._entries[name]
+        _index, _dtype, _shape, start, end = self._entries[name]
         return start, end
 
     def names(self, dtype: torch.dtype | None = None) -> list[str]:
@@ -190,7 +195,7 @@ class MappedFile(Mapping[str, torch.Tensor]):
         if dtype is None:
             return list(self._entries)
         want = _TORCH_TO_ST.get(dtype)
-        return [n for n, (d, *_rest) in self._entries.items() if d == want]
+        return [n for n, (_i, d, *_rest) in self._entries.items() if d == want]
 
     def __repr__(self) -> str:
         return f"MappedFile({str(self.path)!r}, tensors={len(self)})"

@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 
 use half::{bf16, f16};
+use std::os::raw::{c_int, c_void};
+
 use numpy::ndarray::ArrayView1;
+use numpy::npyffi::{self, npy_intp, NpyTypes, NPY_ARRAY_WRITEABLE, NPY_TYPES, PY_ARRAY_API};
 use numpy::{PyArray1, PyArrayDescrMethods, PyReadwriteArray1, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -13,6 +16,7 @@ use pyo3::types::PyDict;
 
 use crate::dtype::Dtype;
 use crate::kernels::{self, Input, KernelError};
+use crate::header::TensorInfo;
 use crate::store::{self, StoreError as RustStoreError, TensorRef};
 
 pyo3::create_exception!(
@@ -228,6 +232,25 @@ fn save_file(
     .map_err(store_err)
 }
 
+/// The numpy element type that holds a dtype's items; bfloat16 has none and travels as
+/// its raw uint16 bits.
+fn npy_type(d: Dtype) -> NPY_TYPES {
+    match d {
+        Dtype::F64 => NPY_TYPES::NPY_DOUBLE,
+        Dtype::F32 => NPY_TYPES::NPY_FLOAT,
+        Dtype::F16 => NPY_TYPES::NPY_HALF,
+        Dtype::BF16 => NPY_TYPES::NPY_USHORT,
+        // numpy's int64 is C long on LP64 platforms and long long elsewhere.
+        Dtype::I64 if std::mem::size_of::<std::os::raw::c_long>() == 8 => NPY_TYPES::NPY_LONG,
+        Dtype::I64 => NPY_TYPES::NPY_LONGLONG,
+        Dtype::I32 => NPY_TYPES::NPY_INT,
+        Dtype::I16 => NPY_TYPES::NPY_SHORT,
+        Dtype::I8 => NPY_TYPES::NPY_BYTE,
+        Dtype::U8 => NPY_TYPES::NPY_UBYTE,
+        Dtype::Bool => NPY_TYPES::NPY_BOOL,
+    }
+}
+
 /// A validated, privately mapped store file.
 #[pyclass(name = "MappedFile", module = "emberfl._core", frozen)]
 struct PyMappedFile {
@@ -281,6 +304,14 @@ impl PyMappedFile {
         Ok(inner.dtype_range(d).map_err(store_err)?.unwrap_or((0, 0)))
     }
 
+    /// One typed, shaped numpy array per tensor, in file order: writable views of the
+    /// private mapping that keep this object alive. bfloat16 tensors come as uint16
+    /// arrays of their bits. Tensors that are empty, or not aligned to their item size
+    /// (possible in files written by other tools), come as copies.
+    fn arrays<'py>(slf: &Bound<'py, Self>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        slf.get().inner.header.tensors.iter().map(|t| tensor_array(slf, t)).collect()
+    }
+
     /// The data section as a writable uint8 array that views the private mapping and
     /// keeps this object (and so the mapping) alive.
     fn data<'py>(slf: Bound<'py, Self>) -> Bound<'py, PyArray1<u8>> {
@@ -295,6 +326,54 @@ impl PyMappedFile {
             let view = ArrayView1::from_shape_ptr(len, addr as *const u8);
             PyArray1::borrow_from_array(&view, slf.into_any())
         }
+    }
+}
+
+/// A numpy array of tensor `t` of `owner`'s file (see `PyMappedFile::arrays`).
+fn tensor_array<'py>(owner: &Bound<'py, PyMappedFile>, t: &TensorInfo) -> PyResult<Bound<'py, PyAny>> {
+    let py = owner.py();
+    let this = owner.get();
+    let mut dims: Vec<npy_intp> = t.shape.iter().map(|&d| d as npy_intp).collect();
+    let nd = dims.len() as c_int;
+    let view = t.end > t.start && t.start % t.dtype.itemsize() == 0;
+    // SAFETY: `descr` is a new reference that NewFromDescr steals. A view's memory is
+    // `t.end - t.start` bytes inside the validated data section, which lives as long as
+    // `owner`, set as the array's base (SetBaseObject steals the reference we pass).
+    // An owned array is allocated by numpy with exactly the tensor's byte size.
+    unsafe {
+        let subtype = npyffi::get_type_object(py, NpyTypes::PyArray_Type);
+        let descr = PY_ARRAY_API.PyArray_DescrFromType(py, npy_type(t.dtype) as c_int);
+        if descr.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        let (data, flags) = if view {
+            ((this.data_addr + t.start) as *mut c_void, NPY_ARRAY_WRITEABLE)
+        } else {
+            (std::ptr::null_mut(), 0)
+        };
+        let ptr = PY_ARRAY_API.PyArray_NewFromDescr(
+            py,
+            subtype,
+            descr,
+            nd,
+            dims.as_mut_ptr(),
+            std::ptr::null_mut(),
+            data,
+            flags,
+            std::ptr::null_mut(),
+        );
+        let array = Bound::from_owned_ptr_or_err(py, ptr)?;
+        if view {
+            let base = owner.clone().into_any().into_ptr();
+            if PY_ARRAY_API.PyArray_SetBaseObject(py, ptr.cast(), base) < 0 {
+                return Err(PyErr::fetch(py));
+            }
+        } else if t.end > t.start {
+            let fields = ptr.cast::<npyffi::PyArrayObject_fields>();
+            let src = this.inner.data()[t.start..t.end].as_ptr();
+            std::ptr::copy_nonoverlapping(src, (*fields).data.cast::<u8>(), t.end - t.start);
+        }
+        Ok(array)
     }
 }
 

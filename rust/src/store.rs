@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{Advice, MmapMut, MmapOptions};
 
 use crate::dtype::Dtype;
 use crate::header::{self, Header, TensorInfo};
@@ -144,6 +144,10 @@ pub fn write_file(
     Ok(())
 }
 
+/// Mappings up to this size are prefaulted (read-only) when opened; larger ones fault
+/// in as they are read, so mapping a big file costs no resident memory up front.
+pub const POPULATE_MAX_BYTES: usize = 2 << 20;
+
 /// A validated store file mapped privately (copy-on-write): writes through the
 /// mapping never reach the file.
 pub struct MappedFile {
@@ -178,6 +182,13 @@ impl MappedFile {
         if let Some(m) = &map {
             if m.len() as u64 != file_len {
                 return Err(err(path, "file changed size while being opened"));
+            }
+            if m.len() <= POPULATE_MAX_BYTES {
+                // Small files are read whole right after mapping (a client's model); one
+                // madvise maps their page-cache pages read-only in a single call instead
+                // of a page fault per 16 pages. Unlike MAP_POPULATE it does not copy pages
+                // of the private mapping. Best effort: older kernels reject the advice.
+                let _ = m.advise(Advice::PopulateRead);
             }
         }
         Ok(MappedFile {

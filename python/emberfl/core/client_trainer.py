@@ -772,12 +772,21 @@ class _ThreadRuntime:
         self._queue.put((future, fn))
         return future
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 5.0) -> None:
+        """Stop the threads once they finish their current call; wait up to ``wait_s``.
+
+        Waiting matters at interpreter exit: a thread that has run torch code and is
+        still unwinding while the C++ runtime is torn down can abort the process.
+        """
         if self.closed:
             return
         self.closed = True
         for _ in self._threads:
             self._queue.put(None)
+        deadline = time.monotonic() + wait_s
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _thread_runtime(trainer: object, size: int) -> _ThreadRuntime:

@@ -109,8 +109,10 @@ class _Worker:
     index: int
     process: BaseProcess
     conn: Connection
-    task: TaskSpec | None = None
-    task_started: float = 0.0
+    # Tasks sent and not yet reported, oldest first: the head is running, the others
+    # wait in the worker's pipe so it never idles while the parent answers.
+    inflight: deque[TaskSpec] = field(default_factory=deque)
+    task_started: float = 0.0  # when the head task started (as far as the parent knows)
     spec_round: int | None = None  # round whose spec this worker has been sent
     alive: bool = True
     ready: bool = False  # start-up done; a client's time limit counts from then
@@ -118,6 +120,11 @@ class _Worker:
     @property
     def pid(self) -> int | None:
         return self.process.pid
+
+    @property
+    def task(self) -> TaskSpec | None:
+        """The task the worker is running now, if any."""
+        return self.inflight[0] if self.inflight else None
 
 
 @dataclass
@@ -197,7 +204,7 @@ class WorkerPool:
 
     def _reap(self, w: _Worker, kill: bool) -> None:
         w.alive = False
-        w.task = None
+        w.inflight.clear()
         if kill and w.process.is_alive():
             w.process.kill()
         w.process.join(timeout=2.0)
@@ -247,7 +254,7 @@ class WorkerPool:
                 w.process.kill()
                 w.process.join(timeout=1.0)
             w.alive = False
-            w.task = None
+            w.inflight.clear()
             with contextlib.suppress(OSError):
                 w.conn.close()
         logger.info("worker processes stopped")
@@ -319,31 +326,40 @@ class RoundRun:
 
     def _dispatch(self) -> None:
         pool = self._pool
-        for i, w in enumerate(pool._workers):
-            if not self._pending:
-                return
-            if not w.alive:
-                w = pool._respawn(w)
-            if w.task is not None:
-                continue
-            index = self._pending.popleft()
-            task = self._task(index)
-            try:
-                if w.spec_round != self._spec.round:
-                    size = pool._send(w, ("round", self._spec))
-                    pool.stats.max_round_message_bytes = max(
-                        pool.stats.max_round_message_bytes, size
-                    )
-                    w.spec_round = self._spec.round
-                size = pool._send(w, ("task", task))
-            except (OSError, ValueError):
-                # The worker is gone; its sentinel reports that on this same pump.
-                size = 0
-            pool.stats.tasks_sent += 1
-            pool.stats.max_task_message_bytes = max(pool.stats.max_task_message_bytes, size)
-            w.task = task
+        workers = pool._workers
+        for i, w in enumerate(workers):
+            if self._pending and not w.alive:
+                workers[i] = w = pool._respawn(w)
+        # First every idle worker gets a task; then each gets one more queued behind
+        # its running one, so it starts the next client without waiting for the parent
+        # to answer. No queueing in a round's tail (fewer tasks left than workers),
+        # where a queued task could wait behind a slow client while a worker idles.
+        for depth in (1, 2):
+            for w in workers:
+                if not self._pending or (depth == 2 and len(self._pending) < len(workers)):
+                    return
+                if w.alive and len(w.inflight) < depth:
+                    self._send_task(w)
+
+    def _send_task(self, w: _Worker) -> None:
+        pool = self._pool
+        index = self._pending.popleft()
+        task = self._task(index)
+        try:
+            if w.spec_round != self._spec.round:
+                size = pool._send(w, ("round", self._spec))
+                pool.stats.max_round_message_bytes = max(pool.stats.max_round_message_bytes, size)
+                w.spec_round = self._spec.round
+            size = pool._send(w, ("task", task))
+        except (OSError, ValueError):
+            # The worker is gone; its sentinel reports that on this same pump.
+            size = 0
+        pool.stats.tasks_sent += 1
+        pool.stats.max_task_message_bytes = max(pool.stats.max_task_message_bytes, size)
+        if not w.inflight:
             w.task_started = time.monotonic()
-            logger.debug("client %d -> worker %d", task.cid, i)
+        w.inflight.append(task)
+        logger.debug("client %d -> worker %d", task.cid, w.index)
 
     def pump(self, timeout: float) -> None:
         self._dispatch()
@@ -386,10 +402,12 @@ class RoundRun:
         if kind not in ("done", "error"):
             return
         round_index, index = msg[1], msg[2]
-        if round_index != self._spec.round or w.task is None or w.task.index != index:
-            return  # stale: cannot happen with busy workers killed on abort, kept safe
         task = w.task
-        w.task = None
+        if round_index != self._spec.round or task is None or task.index != index:
+            return  # stale: cannot happen with busy workers killed on abort, kept safe
+        w.inflight.popleft()
+        if w.inflight:
+            w.task_started = time.monotonic()  # the worker went straight on to the next
         if kind == "error":
             _, _, _, type_name, message, tb = msg
             raise ClientError(task.cid, f"{type_name}: {message}", tb)
@@ -405,6 +423,9 @@ class RoundRun:
         w.process.join(timeout=2.0)
         exitcode = w.process.exitcode
         task = w.task
+        # Tasks queued behind the one that was running never started: they go back to
+        # the front of the queue, in order, and do not count as retried.
+        self._pending.extendleft(reversed([t.index for t in list(w.inflight)[1:]]))
         self._pool._reap(w, kill=True)
         if task is None:
             logger.warning("idle worker %d (pid %s) exited with %s", w.index, w.pid, exitcode)
