@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import resource
@@ -167,6 +168,26 @@ def test_load_is_a_private_zero_copy_mapping(tmp_path: Path) -> None:
     assert float(w[-1]) == 42.0
     assert path.read_bytes()[-64:] == before_bytes
     assert torch.equal(store.load(path)["w"], big["w"])
+
+
+def test_a_tensor_keeps_its_mapping_alive_and_the_last_one_releases_it(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    state = {"a": torch.arange(4096.0), "b": torch.ones(3, dtype=torch.bfloat16)}
+    store.save(path, state)
+    handle = store.open_file(path)
+    a, b = handle["a"], handle.tensors()["b"]
+    del handle
+    gc.collect()
+    # The handle is gone; the tensors still view the live mapping.
+    assert mapping_of(a.data_ptr()) == str(path)
+    assert torch.equal(a, state["a"]) and torch.equal(b, state["b"])
+    del b
+    gc.collect()
+    assert mapping_of(a.data_ptr()) == str(path)
+    ptr = a.data_ptr()
+    del a
+    gc.collect()
+    assert mapping_of(ptr) != str(path)  # unmapped with the last tensor
 
 
 def test_published_files_are_snapshots(tmp_path: Path) -> None:
