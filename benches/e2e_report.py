@@ -447,7 +447,7 @@ def main() -> None:
             )
             for regime in regimes:
                 runs: dict[str, list[dict]] = {impl: [] for impl in impls}
-                notes: dict[str, str] = {}
+                threads_used: dict[str, set[str]] = {}
                 for rep in range(args.repeat):
                     # Rotate the order so no implementation always runs first (or last).
                     for impl in impls[rep % len(impls) :] + impls[: rep % len(impls)]:
@@ -456,7 +456,9 @@ def main() -> None:
                             two = run_child(args, "serial-floor-2", model, regime, data)
                             one_s, two_s = summarize(one["times"])[1], summarize(two["times"])[1]
                             runs[impl].append(one if one_s <= two_s else two)
-                            notes[impl] = "1 thread" if one_s <= two_s else "2 threads"
+                            threads_used.setdefault(impl, set()).add(
+                                "1 thread" if one_s <= two_s else "2 threads"
+                            )
                         else:
                             runs[impl].append(run_child(args, impl, model, regime, data))
                 rows = {impl: combine(r) for impl, r in runs.items()}
@@ -465,7 +467,9 @@ def main() -> None:
                 for impl, row in rows.items():
                     first, steady = row["first"], row["steady"]
                     ratio = f"{steady / floor_steady:.2f}" if floor_steady else "-"
-                    name = impl + (f" ({notes[impl]})" if impl in notes else "")
+                    # Each repeat keeps the faster of 1 and 2 threads; name both if they differed.
+                    used = " / ".join(sorted(threads_used.get(impl, ())))
+                    name = impl + (f" ({used})" if used else "")
                     print(
                         f"{model:9} {regime:6} {name:16} {first:8.2f} {steady:9.2f} "
                         f"{first - steady:9.2f} {ratio:>11} {row['rss'] / 2**20:12.0f} "

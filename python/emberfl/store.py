@@ -43,7 +43,7 @@ __all__ = [
 TensorLike: TypeAlias = "torch.Tensor | np.ndarray"
 PathLike: TypeAlias = "str | os.PathLike[str]"
 
-# safetensors dtype names <-> torch dtypes. bfloat16 has no numpy twin: it travels
+# torch dtypes -> safetensors dtype names. bfloat16 has no numpy twin: it travels
 # through numpy as its raw uint16 bits.
 _TORCH_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -57,7 +57,6 @@ _TORCH_TO_ST: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-_ST_TO_TORCH: dict[str, torch.dtype] = {v: k for k, v in _TORCH_TO_ST.items()}
 
 
 def _as_contiguous_tensor(name: str, value: object) -> torch.Tensor:
@@ -144,10 +143,13 @@ class MappedFile(Mapping[str, torch.Tensor]):
             # the cheapest way into torch (one op per tensor, which matters for small
             # models loaded every round).
             self._arrays = self._raw.arrays()
-        t = torch.from_numpy(self._arrays[index])
-        if dtype_name == "BF16":
-            t = t.view(torch.bfloat16)
-        return t
+        return self._as_torch(self._arrays[index], dtype_name)
+
+    @staticmethod
+    def _as_torch(array: np.ndarray, dtype_name: str) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        # numpy has no bfloat16: the core hands those bits over as uint16.
+        return t.view(torch.bfloat16) if dtype_name == "BF16" else t
 
     def __getitem__(self, name: str) -> torch.Tensor:
         index, dtype_name, _shape, _start, _end = self._entries[name]
@@ -175,15 +177,7 @@ class MappedFile(Mapping[str, torch.Tensor]):
         name = _TORCH_TO_ST.get(dtype)
         if name is None:
             raise StoreError(f"unsupported dtype {dtype}")
-        start, end = self._raw.dtype_range(name)
-        if start == end:
-            return torch.empty(0, dtype=dtype)
-        raw = torch.from_numpy(self._raw.data()[start:end])
-        if start % dtype.itemsize != 0:
-            # Files written by other tools need not align tensors to their item size;
-            # torch cannot view such bytes, so they are copied.
-            raw = raw.clone()
-        return raw.view(dtype)
+        return self._as_torch(self._raw.flat(name), name)
 
     def byte_range(self, name: str) -> tuple[int, int]:
         """``(start, end)`` of tensor ``name``'s bytes inside the data section."""

@@ -2,14 +2,12 @@
 //! kernels. Heavy work runs with the GIL released; every error becomes a Python
 //! exception (`StoreError`, `NonFiniteError`, `ValueError`, `TypeError`).
 
+use std::os::raw::{c_int, c_void};
 use std::path::PathBuf;
 
 use half::{bf16, f16};
-use std::os::raw::{c_int, c_void};
-
-use numpy::ndarray::ArrayView1;
 use numpy::npyffi::{self, npy_intp, NpyTypes, NPY_ARRAY_WRITEABLE, NPY_TYPES, PY_ARRAY_API};
-use numpy::{PyArray1, PyArrayDescrMethods, PyReadwriteArray1, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{PyArrayDescrMethods, PyReadwriteArray1, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -256,7 +254,6 @@ fn npy_type(d: Dtype) -> NPY_TYPES {
 struct PyMappedFile {
     inner: store::MappedFile,
     data_addr: usize,
-    data_len: usize,
 }
 
 #[pymethods]
@@ -264,9 +261,8 @@ impl PyMappedFile {
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let mut mapped = py.detach(|| store::MappedFile::open(&path)).map_err(store_err)?;
-        let data_len = mapped.data().len();
         let data_addr = mapped.data_ptr() as usize;
-        Ok(PyMappedFile { inner: mapped, data_addr, data_len })
+        Ok(PyMappedFile { inner: mapped, data_addr })
     }
 
     #[getter]
@@ -297,13 +293,6 @@ impl PyMappedFile {
             .collect()
     }
 
-    /// Byte range `(start, end)` of all tensors of `dtype`; `(0, 0)` if there are none.
-    fn dtype_range(&self, dtype: &str) -> PyResult<(usize, usize)> {
-        let d = Dtype::parse(dtype).ok_or_else(|| StoreError::new_err(format!("unsupported dtype {dtype:?}")))?;
-        let inner = &self.inner;
-        Ok(inner.dtype_range(d).map_err(store_err)?.unwrap_or((0, 0)))
-    }
-
     /// One typed, shaped numpy array per tensor, in file order: writable views of the
     /// private mapping that keep this object alive. bfloat16 tensors come as uint16
     /// arrays of their bits. Tensors that are empty, or not aligned to their item size
@@ -312,20 +301,20 @@ impl PyMappedFile {
         slf.get().inner.header.tensors.iter().map(|t| tensor_array(slf, t)).collect()
     }
 
-    /// The data section as a writable uint8 array that views the private mapping and
-    /// keeps this object (and so the mapping) alive.
-    fn data<'py>(slf: Bound<'py, Self>) -> Bound<'py, PyArray1<u8>> {
-        let this = slf.get();
-        let (addr, len) = if this.data_len == 0 {
-            (std::ptr::NonNull::<u64>::dangling().as_ptr() as usize, 0)
-        } else {
-            (this.data_addr, this.data_len)
+    /// One 1-D array over every tensor of `dtype`, in file order (a view, or a copy
+    /// under the same rules as `arrays`). Raises `StoreError` when those tensors are
+    /// not one contiguous range; empty when the file has none.
+    fn flat<'py>(slf: &Bound<'py, Self>, dtype: &str) -> PyResult<Bound<'py, PyAny>> {
+        let d = Dtype::parse(dtype).ok_or_else(|| StoreError::new_err(format!("unsupported dtype {dtype:?}")))?;
+        let (start, end) = slf.get().inner.dtype_range(d).map_err(store_err)?.unwrap_or((0, 0));
+        let span = TensorInfo {
+            name: String::new(),
+            dtype: d,
+            shape: vec![(end - start) / d.itemsize()],
+            start,
+            end,
         };
-        // SAFETY: the mapping lives as long as `slf`, which becomes the array's base.
-        unsafe {
-            let view = ArrayView1::from_shape_ptr(len, addr as *const u8);
-            PyArray1::borrow_from_array(&view, slf.into_any())
-        }
+        tensor_array(slf, &span)
     }
 }
 

@@ -327,9 +327,9 @@ class RoundRun:
     def _dispatch(self) -> None:
         pool = self._pool
         workers = pool._workers
-        for i, w in enumerate(workers):
+        for w in list(workers):
             if self._pending and not w.alive:
-                workers[i] = w = pool._respawn(w)
+                pool._respawn(w)  # replaces it in ``workers``
         # First every idle worker gets a task; then each gets one more queued behind
         # its running one, so it starts the next client without waiting for the parent
         # to answer. No queueing in a round's tail (fewer tasks left than workers),
