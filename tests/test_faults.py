@@ -64,13 +64,30 @@ class Child:
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._err: list[str] = []
+        # Each pipe has exactly one reader, a thread of its own, so neither can fill up
+        # and block the child, and nothing else ever reads (or closes) them.
+        self._readers = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._read_err, daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        self._err.extend(self.proc.stderr)
+
+    def stderr(self, timeout: float = 30.0) -> str:
+        """Everything the child wrote to stderr (waits for the pipe to close)."""
+        self._readers[1].join(timeout)
+        return "".join(self._err)
 
     def wait_for(self, predicate: Any, timeout: float = 120.0) -> str:
         deadline = time.monotonic() + timeout
@@ -80,7 +97,7 @@ class Child:
             except queue.Empty:
                 raise AssertionError(f"timed out; output so far: {self.seen}") from None
             if line is None:
-                err = self.proc.stderr.read() if self.proc.stderr else ""
+                err = self.stderr()
                 raise AssertionError(f"child ended early; output {self.seen}; stderr {err}")
             self.seen.append(line)
             if predicate(line):
@@ -94,7 +111,8 @@ class Child:
 
     def finish(self, timeout: float = 180.0) -> tuple[int, str]:
         family = [self.proc.pid, *(p.pid for p in fh.descendants(self.proc.pid))]
-        _, err = self.proc.communicate(timeout=timeout)
+        self.proc.wait(timeout=timeout)
+        err = self.stderr()
         assert fh.wait_gone(family) == [], "worker processes outlived the run"
         return self.proc.returncode, err
 
