@@ -150,8 +150,10 @@ def test_kill9_at_random_points_then_resume_is_bitwise_identical(tmp_path: Path)
     assert not (run / "latest").exists()
     assert fh.temp_leftovers(run), "the killed write should have left its temporary files"
 
-    # 2. Resumed (from scratch), killed at a random moment a little after a round.
-    child = helper("resume", str(run))
+    # 2. Resumed (from scratch), killed at a random moment a little after a round. The
+    #    pause only bounds how far it can get before the kill lands: rounds take a
+    #    fraction of a second, and step 3 needs checkpoint 8 not yet published.
+    child = helper("resume", str(run), env={"EMBERFL_TEST_PAUSE": "written:8"})
     after = rng.randint(1, 4)
     child.wait_for(lambda line: line == f"ROUND {after}")
     time.sleep(rng.uniform(0.0, 0.15))
