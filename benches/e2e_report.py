@@ -7,6 +7,8 @@ framework overhead dominates, and one local epoch). Four ways to run the same wo
 
 ``emberfl-process``  ProcessPoolClientTrainer, ``--workers`` worker processes
 ``emberfl-thread``   ThreadPoolClientTrainer, ``--workers`` threads, 1 torch thread
+
+(both fold each uplink into the average as it arrives, through ``on_uplink``)
 ``serial-floor``     a plain loop in one process, averaging with torch; the faster
                      of 1 and 2 torch threads
 ``parallel-floor``   the clients split evenly over ``--workers`` plain processes with
@@ -47,6 +49,7 @@ import psutil
 import torch
 
 from emberfl import aggregate, reproducibility, store
+from emberfl.contrib.training import sgd_step
 from emberfl.core import (
     ProcessPoolClientTrainer,
     ThreadPoolClientTrainer,
@@ -107,7 +110,7 @@ def client_update(setup: Setup, params: torch.Tensor, cid: int, rnd: int) -> tor
     model = _model(setup.model)
     deserialize_model(model, params)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=setup.lr)
+    weights = list(model.parameters())
     g = torch.Generator().manual_seed(reproducibility.client_seed(setup.seed, cid, rnd))
     order = torch.randperm(setup.samples, generator=g)
     steps = 1 if setup.regime == "batch" else setup.samples // setup.batch
@@ -115,9 +118,13 @@ def client_update(setup: Setup, params: torch.Tensor, cid: int, rnd: int) -> tor
         idx = order[step * setup.batch : (step + 1) * setup.batch]
         xb = x[idx].float().div_(255.0)
         loss = torch.nn.functional.cross_entropy(model(xb), y[idx])
-        opt.zero_grad(set_to_none=True)
+        for w in weights:
+            w.grad = None
         loss.backward()
-        opt.step()
+        # torch.optim.SGD's step, bit for bit, without the optimizer: building one
+        # imports torch's compiler stack on the first step (1.2 s of CPU here), a cost
+        # every fresh process would pay -- the floors' included -- on top of start-up.
+        sgd_step(weights, setup.lr)
     return serialize_model(model)
 
 
@@ -182,14 +189,26 @@ def run_emberfl(
         trainer = EmberThreadTrainer(setup, workers)
     params = initial_params(setup)
     cids = list(range(clients))
+    # FedAvg folded while the round runs (the trainer's on_uplink hook): each uplink
+    # is added to the running sum as it arrives and its file released, so the server
+    # holds a few uplinks at a time instead of the whole round's.
+    total = torch.zeros_like(params)
+    weight = [0.0]
+
+    def fold(index: int, uplink: dict) -> int:
+        if index == 0:
+            total.zero_()
+            weight[0] = 0.0
+        aggregate.accumulate(total, uplink["params"], float(uplink["n"]))
+        weight[0] += float(uplink["n"])
+        return int(uplink["n"])
+
+    trainer.on_uplink = fold
     with trainer:
         for _ in range(rounds):
             trainer.local_process({"params": params}, cids)
-            uplinks = trainer.uplink_package()
-            params = aggregate.weighted_mean(
-                [u["params"] for u in uplinks], [float(u["n"]) for u in uplinks]
-            )
-            del uplinks
+            trainer.uplink_package()
+            params = total / weight[0]
             now = time.perf_counter()
             times.append(now - start)
             start = now

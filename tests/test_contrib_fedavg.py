@@ -182,6 +182,87 @@ def test_nonfinite_updates_raise_naming_the_client_or_are_dropped(
         _handler(digits, nonfinite="ignore")
 
 
+def test_folding_uplinks_as_they_arrive_equals_averaging_them(digits: Any) -> None:
+    n = serialize_model(_handler(digits).model).numel()
+    gen = torch.Generator().manual_seed(0)
+    uplinks = [
+        FedAvgUplinkPackage(cid, torch.randn(n, generator=gen), size, {"loss": 1.0})
+        for cid, size in [(0, 17), (2, 5), (4, 40)]
+    ]
+    classic, folding = _handler(digits), _handler(digits)
+    for p in uplinks:
+        classic.load(p)
+    stand_ins = [folding.fold_uplink(i, p) for i, p in enumerate(uplinks)]
+    for stand_in, p in zip(stand_ins, uplinks, strict=True):
+        assert stand_in.model_parameters.is_meta and stand_in.model_parameters.shape == (n,)
+        assert (stand_in.cid, stand_in.data_size, stand_in.metadata) == (
+            p.cid,
+            p.data_size,
+            p.metadata,
+        )
+    for stand_in in stand_ins:
+        folding.load(stand_in)
+    assert folding.round == classic.round == 1
+    folded_model = serialize_model(folding.model)
+    assert torch.equal(folded_model, serialize_model(classic.model))
+    assert not torch.equal(folded_model, serialize_model(_handler(digits).model))
+    expected = (17 * uplinks[0].model_parameters + 5 * uplinks[1].model_parameters) / 62
+    torch.testing.assert_close(folded_model, expected + 40 * uplinks[2].model_parameters / 62)
+    # BlazeFL's helper is the same computation too.
+    weights = [p.data_size for p in uplinks]
+    helper = FedAvgBaseServerHandler.aggregate([p.model_parameters for p in uplinks], weights)
+    assert torch.equal(helper, folded_model)
+
+    # Stand-ins mean nothing to another handler, and a round is folded whole or not at all.
+    with pytest.raises(ValueError, match="stand-in"):
+        _handler(digits).global_update(stand_ins)
+    mixing = _handler(digits)
+    first = mixing.fold_uplink(0, uplinks[0])
+    mixing.fold_uplink(1, uplinks[1])
+    with pytest.raises(ValueError, match="all folded or none"):
+        mixing.global_update([first, uplinks[1], uplinks[2]])
+    # Index 0 starts a new round: a fold left over from a failed round is dropped.
+    mixing.fold_uplink(0, uplinks[0])
+    restarted = [mixing.fold_uplink(i, p) for i, p in enumerate(uplinks)]
+    mixing.global_update(restarted)
+    assert torch.equal(serialize_model(mixing.model), folded_model)
+
+
+def test_folding_treats_nonfinite_updates_like_averaging(digits: Any) -> None:
+    n = serialize_model(_handler(digits).model).numel()
+    bad = torch.ones(n)
+    bad[7] = float("inf")
+    uplinks = [
+        FedAvgUplinkPackage(1, torch.full((n,), 2.0), 3),
+        FedAvgUplinkPackage(3, bad, 1),
+        FedAvgUplinkPackage(5, torch.full((n,), 4.0), 1),
+    ]
+    raising = _handler(digits)
+    raising.fold_uplink(0, uplinks[0])
+    with pytest.raises(NonFiniteError, match=r"clients \[3\]"):
+        raising.fold_uplink(1, uplinks[1])
+
+    classic, folding = _handler(digits, nonfinite="drop"), _handler(digits, nonfinite="drop")
+    for p in uplinks:
+        classic.load(p)
+    for i, p in enumerate(uplinks):
+        folding.load(folding.fold_uplink(i, p))
+    assert classic.dropped == folding.dropped == [3]
+    assert torch.equal(serialize_model(folding.model), serialize_model(classic.model))
+    assert torch.equal(serialize_model(folding.model), torch.full((n,), 2.5))
+
+    # Finite updates whose sum overflows are refused on both paths.
+    huge = [FedAvgUplinkPackage(c, torch.full((n,), 3e38), 1) for c in (0, 1, 2)]
+    classic = _handler(digits)
+    with pytest.raises(NonFiniteError):
+        for p in huge:
+            classic.load(p)
+    folding = _handler(digits)
+    stand_ins = [folding.fold_uplink(i, p) for i, p in enumerate(huge)]
+    with pytest.raises(NonFiniteError, match="overflowed"):
+        folding.global_update(stand_ins)
+
+
 def test_sampling_is_seeded_and_independent_of_evaluation(digits: Any) -> None:
     a, b = _handler(digits, rounds=5), _handler(digits, rounds=5)
     seq_a = [a.sample_clients() for _ in range(4)]
@@ -231,6 +312,8 @@ def test_serial_thread_and_process_trainers_give_bitwise_identical_models(
     process.torch_threads = 1  # type: ignore[attr-defined]
     with process:
         handler = _handler(digits, rounds=3)
+        # Folded while the rounds run: the other two trainers hand over whole lists.
+        process.on_uplink = handler.fold_uplink  # type: ignore[attr-defined]
         _train(handler, process)
         models["process"] = serialize_model(handler.model)
 

@@ -178,6 +178,25 @@ def test_server_averages_models_and_moves_the_control(tmp_path: Path) -> None:
         handler.load(ScaffoldUplinkPackage(2, y1, 1, control_delta=bad))
 
 
+def test_folding_moves_model_and_control_exactly_like_averaging() -> None:
+    gen = torch.Generator().manual_seed(1)
+    uplinks = [
+        ScaffoldUplinkPackage(cid, torch.randn(6, generator=gen), size, control_delta=d)
+        for cid, size, d in [(0, 2, torch.randn(6, generator=gen)), (3, 7, torch.randn(6))]
+    ]
+    classic = ScaffoldServerHandler(TinySelector(), "t", None, 3, 4, 0.5, "cpu", 8, 0)
+    folding = ScaffoldServerHandler(TinySelector(), "t", None, 3, 4, 0.5, "cpu", 8, 0)
+    for p in uplinks:
+        classic.load(p)
+    for i, p in enumerate(uplinks):
+        stand_in = folding.fold_uplink(i, p)
+        assert stand_in.control_delta.is_meta and stand_in.model_parameters.is_meta
+        folding.load(stand_in)
+    assert torch.equal(folding.control, classic.control)
+    assert not torch.equal(folding.control, torch.zeros(6))
+    assert torch.equal(serialize_model(folding.model), serialize_model(classic.model))
+
+
 def test_global_lr_scales_the_model_step() -> None:
     handler = ScaffoldServerHandler(
         TinySelector(), "t", None, 3, 2, 0.5, "cpu", 8, 0, global_lr=0.5

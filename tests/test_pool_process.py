@@ -63,6 +63,13 @@ class ScriptedTrainer(ProcessPoolClientTrainer[dict, dict, dict, dict]):
         if action == "announce_and_sleep":
             (scratch / f"pid-{cid}").write_text(str(os.getpid()))
             time.sleep(arg)
+        if action == "wait_for_flag":
+            # Finishes only once the parent has written the flag (or fails after arg s).
+            deadline = time.monotonic() + arg
+            while not (scratch / "flag").exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"client {cid}: no flag after {arg} s")
+                time.sleep(0.01)
         if action == "die_once":
             marker = scratch / f"died-{cid}"
             if not marker.exists():
@@ -277,6 +284,62 @@ def test_empty_round_and_bad_input(trainer: ScriptedTrainer) -> None:
     assert trainer.uplink_package() == []
     with pytest.raises(TypeError, match="client ids must be ints"):
         trainer.local_process(_payload(0.0), ["a"])  # type: ignore[list-item]
+
+
+def _mapped_uplinks(share: Path) -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for line in maps if str(share) in line and "/uplink-" in line)
+
+
+def test_uplinks_are_handed_over_in_order_while_the_round_runs(
+    trainer: ScriptedTrainer,
+) -> None:
+    _reset(trainer)
+    flag = trainer.scratch / "flag"
+    flag.unlink(missing_ok=True)
+    cids = list(range(10))
+    # The last client finishes only after the first uplink has been handed over, so
+    # a runtime that handed uplinks over when the round is done would time it out.
+    trainer.actions = {9: ("wait_for_flag", 30.0), 1: ("sleep", 0.3)}
+    share = trainer.share_path
+    assert share is not None
+    seen: list[tuple[int, int, int]] = []
+
+    def on_uplink(index: int, package: dict) -> dict:
+        if index == 0:
+            flag.write_text("x")
+        seen.append((index, package["cid"], _mapped_uplinks(share)))
+        return {"cid": package["cid"]}  # what the cache keeps: the tensors are dropped
+
+    trainer.on_uplink = on_uplink  # type: ignore[attr-defined]
+    try:
+        trainer.local_process(_payload(0.0), cids)
+    finally:
+        trainer.on_uplink = None  # type: ignore[attr-defined]
+    assert [(i, c) for i, c, _ in seen] == list(enumerate(cids))
+    # Only the uplink being handed over is mapped: earlier ones were released.
+    assert max(m for _, _, m in seen) == 1
+    assert trainer.uplink_package() == [{"cid": c} for c in cids]
+    assert sorted(x.name for x in share.iterdir()) == ["stop.flag"]
+
+
+def test_a_failing_on_uplink_hook_stops_the_round(trainer: ScriptedTrainer) -> None:
+    _reset(trainer)
+
+    def on_uplink(index: int, package: dict) -> dict:
+        if index == 2:
+            raise RuntimeError("server refused client 2")
+        return package
+
+    trainer.on_uplink = on_uplink  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(RuntimeError, match="refused client 2"):
+            trainer.local_process(_payload(0.0), list(range(6)))
+    finally:
+        trainer.on_uplink = None  # type: ignore[attr-defined]
+    assert trainer.uplink_package() == []  # no partial round in the cache
+    trainer.local_process(_payload(1.0), [3, 4])
+    assert [p["cid"] for p in trainer.uplink_package()] == [3, 4]
 
 
 class InlineTrainer(ScriptedTrainer):

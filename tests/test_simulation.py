@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from emberfl import store
+from emberfl import simulation, store
 from emberfl.metrics import read_metrics
 from emberfl.models import create_model
 from emberfl.simulation import (
@@ -129,7 +131,17 @@ def test_config_files_json_and_toml(tmp_path: Path) -> None:
         load_config_file(tmp_path / "missing.toml")
 
 
-def test_default_run_dir_is_unique(tmp_path: Path) -> None:
+def test_default_run_dir_is_unique(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fixed clock: two calls straddling a second boundary would get different
+    # timestamps, and then the suffix under test would not be needed.
+    fixed = datetime.datetime(2026, 1, 2, 3, 4, 5)
+
+    class _Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz: datetime.tzinfo | None = None) -> datetime.datetime:
+            return fixed
+
+    monkeypatch.setattr(simulation, "datetime", types.SimpleNamespace(datetime=_Clock))
     config = SimulationConfig(algorithm="scaffold")
     first = default_run_dir(config, tmp_path)
     assert first.parent == tmp_path and first.name.endswith("-scaffold-digits")

@@ -85,19 +85,6 @@ def _type_key(type_: object) -> str:
     return str.__str__(type_)
 
 
-def _as_tensor(value: object, what: str) -> torch.Tensor:
-    if isinstance(value, np.ndarray):
-        try:
-            value = torch.from_numpy(np.ascontiguousarray(value))
-        except TypeError as exc:
-            raise TypeError(f"{what}: unsupported numpy dtype {value.dtype}") from exc
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(
-            f"{what}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}"
-        )
-    return value.detach().cpu()
-
-
 def _is_integer_dtype(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
@@ -603,8 +590,8 @@ class DatasetStore:
             _check_name(name, "split")
             if not isinstance(pair, tuple | list) or len(pair) != 2:
                 raise TypeError(f"splits[{name!r}] must be a (features, labels) pair")
-            features = _as_tensor(pair[0], f"splits[{name!r}] features")
-            labels = _as_tensor(pair[1], f"splits[{name!r}] labels")
+            features = store.as_cpu_tensor(pair[0], f"splits[{name!r}] features")
+            labels = store.as_cpu_tensor(pair[1], f"splits[{name!r}] labels")
             if features.dim() < 1:
                 raise ValueError(f"splits[{name!r}] features need a sample axis")
             if labels.dim() != 1:

@@ -626,6 +626,9 @@ class Simulation:
         else:
             self.trainer.model_selector = selector
             self.trainer.dataset = dataset
+        # Uplinks are folded into the server's sums as they arrive, so a round holds a
+        # few of them at a time, however many clients it has.
+        self.trainer.on_uplink = self.handler.fold_uplink
         if self.resume:
             self._restore()
         self._write_config()

@@ -59,21 +59,28 @@ _TORCH_TO_ST: dict[torch.dtype, str] = {
 }
 
 
-def _as_contiguous_tensor(name: str, value: object) -> torch.Tensor:
+def as_cpu_tensor(value: object, what: str) -> torch.Tensor:
+    """``value`` (a torch tensor or numpy array) as a detached CPU tensor; ``TypeError``
+    naming ``what`` for anything else."""
     if isinstance(value, np.ndarray):
         try:
             value = torch.from_numpy(np.ascontiguousarray(value))
         except TypeError as exc:
-            raise StoreError(f"tensor {name!r}: unsupported numpy dtype {value.dtype}") from exc
+            raise TypeError(f"{what}: unsupported numpy dtype {value.dtype}") from exc
     if not isinstance(value, torch.Tensor):
         raise TypeError(
-            f"tensor {name!r}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}"
+            f"{what}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}"
         )
+    return value.detach().cpu()
+
+
+def _as_contiguous_tensor(name: str, value: object) -> torch.Tensor:
+    value = as_cpu_tensor(value, f"tensor {name!r}")
     if value.dtype not in _TORCH_TO_ST:
         raise StoreError(f"tensor {name!r}: unsupported dtype {value.dtype}")
     if value.is_sparse or value.layout != torch.strided:
         raise StoreError(f"tensor {name!r}: only dense (strided) tensors can be stored")
-    return value.detach().cpu().contiguous()
+    return value.contiguous()
 
 
 def _byte_view(t: torch.Tensor) -> np.ndarray:

@@ -10,8 +10,10 @@ The pieces, each an extension point for the other algorithms of this package:
   ``finish``); it is stateless, so one object serves every thread and pickles into
   worker processes;
 * :class:`FedAvgBaseServerHandler` -- sampling, aggregation and evaluation. The
-  uplinks are averaged by :func:`emberfl.aggregate.weighted_mean` directly on the
-  tensors the workers' files map, and the result is handed to
+  uplinks are summed by the aggregation kernel directly on the tensors the
+  workers' files map -- either as a list in :meth:`~FedAvgBaseServerHandler.global_update`
+  or one by one while the round runs (:meth:`~FedAvgBaseServerHandler.fold_uplink`,
+  bitwise the same result) -- and the mean is handed to
   :meth:`~FedAvgBaseServerHandler.apply_update` (FedOpt and SCAFFOLD override it);
 * three client trainers with BlazeFL's constructors: serial
   (:class:`FedAvgBaseClientTrainer`), worker processes
@@ -24,11 +26,13 @@ The pieces, each an extension point for the other algorithms of this package:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +55,7 @@ from emberfl.core import (
     ProcessPoolClientTrainer,
     ThreadPoolClientTrainer,
     current_client,
+    deliver_uplink,
     deserialize_model,
     serialize_model,
 )
@@ -241,6 +246,11 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
 
     State that a checkpoint needs: ``model``, ``round`` and ``rng_suite`` (the
     client sampler); :meth:`checkpoint_state` gathers it.
+
+    Memory: set ``trainer.on_uplink = handler.fold_uplink`` and every uplink is
+    folded into running sums while the round runs, its file deleted right after; the
+    round then holds a few uplinks at a time instead of all of them, with the same
+    result bit for bit.
     """
 
     def __init__(
@@ -294,6 +304,8 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         self.round = 0
         self.dropped: list[int] = []
         self.rng_suite = create_rng_suite(self.seed)
+        self.round_sums: list[torch.Tensor] = []
+        self._fold: _Fold | None = None
 
     # -- BlazeFL's protocol ----------------------------------------------------
 
@@ -321,8 +333,28 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         return FedAvgDownlinkPackage(serialize_model(self.model))
 
     def global_update(self, buffer: list[FedAvgUplinkPackage]) -> None:
-        """Average the uplinks' models (weighted by data size) and apply the result."""
-        kept = self.screen(buffer)
+        """Average the uplinks' models (weighted by data size) and apply the result.
+
+        ``buffer`` holds either full uplinks or, all of them, the stand-ins that
+        :meth:`fold_uplink` returned for this round.
+        """
+        fold = self._take_fold(buffer)
+        if fold is None:
+            kept = self.screen(buffer)
+            sums, totals = self._sum_terms(kept)
+        else:
+            kept, sums, totals = fold.kept, fold.sums, fold.totals
+            self.dropped = fold.dropped
+            self._report_dropped(self.dropped)
+            # Finite updates can still overflow when summed; a list is checked the same way.
+            names = [name for name, _, _ in self.uplink_terms(kept[0])] if kept else []
+            for name, total in zip(names, sums, strict=True):
+                if aggregate.find_nonfinite([total], threads=self.aggregation_threads):
+                    raise NonFiniteError(
+                        f"round {self.round}: the sum of the {name} updates overflowed "
+                        "(NaN or Inf); lower the learning rate"
+                    )
+        self.round_sums = sums
         if not kept:
             logger.warning(
                 "round %d: no usable client update (dropped: %s); the global model is unchanged",
@@ -330,15 +362,56 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
                 self.dropped,
             )
             return
-        weights = [float(p.data_size) for p in kept]
-        if sum(weights) <= 0:
+        if totals[0] <= 0:
             logger.warning(
                 "round %d: the sampled clients hold no data; the global model is unchanged",
                 self.round,
             )
             return
-        mean = self.average([p.model_parameters for p in kept], weights, kept, "model")
-        self.apply_update(mean, kept)
+        self.apply_update(weighted_mean_of_sum(sums[0], totals[0]), kept)
+
+    def fold_uplink(self, index: int, package: FedAvgUplinkPackage) -> FedAvgUplinkPackage:
+        """Fold one uplink into this round's sums now; returns a tensor-free stand-in.
+
+        Meant as a client trainer's ``on_uplink`` hook, which calls it in client-list
+        order while the round runs (``index`` 0 starts a new round). The stand-in is
+        the package with its tensors replaced by ``meta`` tensors of the same shape
+        and dtype; hand the round's stand-ins to :meth:`load` / :meth:`global_update`
+        as usual. The result equals averaging the full uplinks bit for bit: the same
+        kernel adds the same products in the same order.
+
+        A non-finite update raises :class:`NonFiniteError` at once (the round stops)
+        or, with ``nonfinite="drop"``, is left out.
+        """
+        if index == 0 or self._fold is None:
+            self._fold = _Fold()
+        fold = self._fold
+        terms = self.uplink_terms(package)
+        vectors = [_flat_f32(vector) for _, vector, _ in terms]
+        finite = not any(
+            aggregate.find_nonfinite([v], threads=self.aggregation_threads) for v in vectors
+        )
+        if not finite:
+            if self.nonfinite == "raise":
+                raise NonFiniteError(
+                    f"round {self.round}: the updates of clients {[package.cid]} hold NaN or "
+                    "Inf; lower the learning rate, or pass nonfinite='drop' to leave such "
+                    "clients out"
+                )
+            fold.dropped.append(package.cid)
+        else:
+            if not fold.sums:
+                fold.sums = [torch.zeros(v.numel(), dtype=torch.float32) for v in vectors]
+                fold.totals = [0.0] * len(vectors)
+            for k, ((_, _, weight), vector) in enumerate(zip(terms, vectors, strict=True)):
+                aggregate.accumulate(fold.sums[k], vector, weight, threads=self.aggregation_threads)
+                fold.totals[k] += weight
+        stand_in: FedAvgUplinkPackage = _stand_in(package)
+        if finite:
+            fold.kept.append(stand_in)
+        fold.seen.append(stand_in)
+        fold.ids.add(id(stand_in))
+        return stand_in
 
     # -- checkpoints -----------------------------------------------------------
 
@@ -366,15 +439,25 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         self.round = int(round_.item())
         self.rng_suite = restore_rng_suite(dict(state), prefix="rng.")
         self.client_buffer_cache = []
+        self._fold = None
 
     # -- hooks -----------------------------------------------------------------
 
-    def uplink_vectors(self, package: FedAvgUplinkPackage) -> list[torch.Tensor]:
-        """The vectors of an uplink that are aggregated (checked for NaN/Inf when dropping)."""
-        return [package.model_parameters]
+    def uplink_terms(self, package: FedAvgUplinkPackage) -> list[tuple[str, torch.Tensor, float]]:
+        """What an uplink adds to the round: ``(name, vector, weight)`` terms.
+
+        Each is summed over the clients as ``sum_i weight_i * vector_i`` into
+        :attr:`round_sums` (in this order); the first one's weighted mean becomes the
+        update. FedAvg: the model, weighted by the client's data size.
+        """
+        return [("model", package.model_parameters, float(package.data_size))]
 
     def apply_update(self, mean: torch.Tensor, buffer: list[FedAvgUplinkPackage]) -> None:
-        """Make the weighted mean of the clients' models the global model."""
+        """Make the weighted mean of the clients' models the global model.
+
+        ``buffer`` holds the aggregated uplinks, or their stand-ins when they were
+        folded (:meth:`fold_uplink`); the sums of every term are in :attr:`round_sums`.
+        """
         deserialize_model(self.model, mean)
 
     # -- machinery -------------------------------------------------------------
@@ -382,25 +465,69 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
     def screen(self, buffer: list[FedAvgUplinkPackage]) -> list[FedAvgUplinkPackage]:
         """The uplinks to aggregate: all of them, or (``nonfinite="drop"``) the finite ones."""
         self.dropped = []
+        for package in buffer:
+            if any(vector.is_meta for _, vector, _ in self.uplink_terms(package)):
+                raise ValueError(
+                    f"the uplink of client {package.cid} is a stand-in that another handler's "
+                    "fold_uplink returned (or one of an earlier round); hand each round's "
+                    "stand-ins to the handler that folded them"
+                )
         if self.nonfinite == "raise" or not buffer:
             return list(buffer)
         bad: set[int] = set()
-        columns = [self.uplink_vectors(p) for p in buffer]
+        columns = [[vector for _, vector, _ in self.uplink_terms(p)] for p in buffer]
         for vectors in zip(*columns, strict=True):
             bad.update(
                 aggregate.find_nonfinite(
                     [_flat_f32(v) for v in vectors], threads=self.aggregation_threads
                 )
             )
-        if bad:
-            self.dropped = [buffer[i].cid for i in sorted(bad)]
+        self.dropped = [buffer[i].cid for i in sorted(bad)]
+        self._report_dropped(self.dropped)
+        return [p for i, p in enumerate(buffer) if i not in bad]
+
+    def _report_dropped(self, cids: list[int]) -> None:
+        if cids:
             logger.warning(
                 "round %d: dropping %d client update(s) holding NaN or Inf (clients %s)",
                 self.round,
-                len(bad),
-                self.dropped,
+                len(cids),
+                cids,
             )
-        return [p for i, p in enumerate(buffer) if i not in bad]
+
+    def _sum_terms(self, kept: list[FedAvgUplinkPackage]) -> tuple[list[torch.Tensor], list[float]]:
+        """The weighted sum of every uplink term over ``kept``, and the weights' totals."""
+        if not kept:
+            return [], []
+        columns = list(zip(*(self.uplink_terms(p) for p in kept), strict=True))
+        sums = [
+            self.average(
+                [vector for _, vector, _ in column],
+                [weight for _, _, weight in column],
+                kept,
+                column[0][0],
+                mean=False,
+            )
+            for column in columns
+        ]
+        return sums, [sum(weight for _, _, weight in column) for column in columns]
+
+    def _take_fold(self, buffer: list[FedAvgUplinkPackage]) -> _Fold | None:
+        """This round's fold when ``buffer`` is exactly its stand-ins, in order; None
+        when it holds no stand-in of this handler."""
+        fold = self._fold
+        if fold is None or not any(id(p) in fold.ids for p in buffer):
+            return None
+        self._fold = None
+        if len(buffer) != len(fold.seen) or any(
+            p is not q for p, q in zip(buffer, fold.seen, strict=True)
+        ):
+            raise ValueError(
+                f"global_update got {len(buffer)} uplinks mixing stand-ins of the "
+                f"{len(fold.seen)} folded by fold_uplink with others or in another order; "
+                "a round's uplinks must be either all folded or none"
+            )
+        return fold
 
     def average(
         self,
@@ -411,15 +538,14 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         *,
         mean: bool = True,
     ) -> torch.Tensor:
-        """``weighted_mean`` (or, with ``mean=False``, ``weighted_sum``) of the uplinks'
-        ``vectors``, computed by the aggregation kernel on the tensors as they are.
+        """The weighted mean (or, with ``mean=False``, sum) of the uplinks' ``vectors``,
+        computed by the aggregation kernel on the tensors as they are.
 
         Raises :class:`NonFiniteError` naming the clients when a vector holds NaN or Inf.
         """
         inputs = [_flat_f32(v) for v in vectors]
-        combine = aggregate.weighted_mean if mean else aggregate.weighted_sum
         try:
-            result = combine(inputs, weights, threads=self.aggregation_threads)
+            result = aggregate.weighted_sum(inputs, weights, threads=self.aggregation_threads)
         except NonFiniteError as exc:
             culprits = aggregate.find_nonfinite(inputs, threads=self.aggregation_threads)
             cids = [buffer[i].cid for i in culprits]
@@ -428,16 +554,20 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
                 "lower the learning rate, or pass nonfinite='drop' to leave such clients out"
             ) from exc
         assert isinstance(result, torch.Tensor)
-        return result
+        return weighted_mean_of_sum(result, sum(weights)) if mean else result
 
     @staticmethod
     def aggregate(parameters_list: list[torch.Tensor], weights_list: list[int]) -> torch.Tensor:
-        """Weighted average of flat parameter vectors (BlazeFL's helper, on the Rust kernel)."""
-        result = aggregate.weighted_mean(
-            [_flat_f32(p) for p in parameters_list], [float(w) for w in weights_list]
-        )
+        """Weighted average of flat parameter vectors (BlazeFL's helper, on the Rust kernel).
+
+        Bitwise the same as the handler's own averaging of the same uplinks.
+        """
+        weights = [float(w) for w in weights_list]
+        if any(w < 0 for w in weights) or not sum(weights) > 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {weights_list!r}")
+        result = aggregate.weighted_sum([_flat_f32(p) for p in parameters_list], weights)
         assert isinstance(result, torch.Tensor)
-        return result
+        return weighted_mean_of_sum(result, sum(weights))
 
     @staticmethod
     def evaluate(
@@ -464,6 +594,46 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         """``server_acc`` and ``server_loss`` of the global model on the test set."""
         loss, acc = self.evaluate(self.model, self.test_loader(), self.device)
         return {"server_acc": acc, "server_loss": loss}
+
+
+def weighted_mean_of_sum(total: torch.Tensor, weight: float) -> torch.Tensor:
+    """FedAvg's mean from the weighted sum of the updates and the sum of the weights.
+
+    Every averaging path ends here -- a list of uplinks, uplinks folded as they
+    arrived, BlazeFL's ``aggregate`` helper -- which is what makes them agree bit for
+    bit: the sums are built by the same kernel in the same client order.
+    """
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(f"the weights' sum must be finite and > 0, got {weight!r}")
+    return torch.div(total, weight)
+
+
+@dataclass
+class _Fold:
+    """One round's running sums, built by :meth:`FedAvgBaseServerHandler.fold_uplink`."""
+
+    seen: list[Any] = field(default_factory=list)  # stand-ins handed out, in order
+    ids: set[int] = field(default_factory=set)  # their ids (kept alive by ``seen``)
+    kept: list[Any] = field(default_factory=list)  # stand-ins of the folded uplinks
+    dropped: list[int] = field(default_factory=list)  # cids left out (non-finite)
+    sums: list[torch.Tensor] = field(default_factory=list)
+    totals: list[float] = field(default_factory=list)
+
+
+def _stand_in(package: Any) -> Any:
+    """``package`` with every tensor field replaced by a data-less ``meta`` tensor.
+
+    Shapes and dtypes stay (so sizes can still be reported); anything that tries to
+    read the values fails loudly instead of seeing stale numbers.
+    """
+    if not dataclasses.is_dataclass(package) or isinstance(package, type):
+        raise TypeError(f"fold_uplink needs a dataclass package, got {type(package).__name__}")
+    meta = {
+        f.name: torch.empty(value.shape, dtype=value.dtype, device="meta")
+        for f in dataclasses.fields(package)
+        if isinstance(value := getattr(package, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(package, **meta)
 
 
 def _flat_f32(vector: torch.Tensor) -> torch.Tensor:
@@ -548,15 +718,19 @@ class FedAvgBaseClientTrainer(BaseClientTrainer[FedAvgUplinkPackage, FedAvgDownl
         round_index = self.round
         self.round += 1
         snapshot = RandomStateSnapshot.capture()
+        results: list[FedAvgUplinkPackage] = []
         try:
-            for cid in tqdm(cid_list, desc="client", leave=False, disable=not self.progress):
+            bar = tqdm(cid_list, desc="client", leave=False, disable=not self.progress)
+            for index, cid in enumerate(bar):
                 ctx = ClientContext(cid=cid, round=round_index, seed=self.seed, device=self.device)
                 with client_scope(ctx):
                     seed_client(self.seed, cid, round_index)
                     loader = _client_loader(self.dataset, cid, self.batch_size, ctx.rng.torch_cpu)
-                    self.cache.append(self.train(package, loader, cid))
+                    uplink = self.train(package, loader, cid)
+                results.append(deliver_uplink(self, index, uplink))
         finally:
             RandomStateSnapshot.restore(snapshot)
+        self.cache.extend(results)
 
     def train(
         self,

@@ -188,8 +188,12 @@ class ScaffoldServerHandler(FedAvgBaseServerHandler):
     def downlink_package(self) -> ScaffoldDownlinkPackage:
         return ScaffoldDownlinkPackage(serialize_model(self.model), control=self.control.clone())
 
-    def uplink_vectors(self, package: FedAvgUplinkPackage) -> list[torch.Tensor]:
-        return [package.model_parameters, _control_delta(package)]
+    def uplink_terms(self, package: FedAvgUplinkPackage) -> list[tuple[str, torch.Tensor, float]]:
+        # The control moves by sum(delta c_i) / N over the N clients of the federation.
+        return [
+            ("model", package.model_parameters, float(package.data_size)),
+            ("control", _control_delta(package), 1.0 / self.num_clients),
+        ]
 
     def apply_update(self, mean: torch.Tensor, buffer: list[FedAvgUplinkPackage]) -> None:
         if self.global_lr == 1.0:
@@ -202,11 +206,7 @@ class ScaffoldServerHandler(FedAvgBaseServerHandler):
             )
             new_state = self.layout.scatter_(mean.clone(), stepped)
         deserialize_model(self.model, new_state)
-        deltas = [_control_delta(p) for p in buffer]
-        total = self.average(
-            deltas, [1.0 / self.num_clients] * len(deltas), buffer, "control", mean=False
-        )
-        self.control += total
+        self.control += self.round_sums[1]
 
 
 def _control_delta(package: FedAvgUplinkPackage) -> torch.Tensor:

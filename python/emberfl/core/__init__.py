@@ -9,6 +9,7 @@ from emberfl.core.client_trainer import (
     BaseClientTrainer,
     ProcessPoolClientTrainer,
     ThreadPoolClientTrainer,
+    deliver_uplink,
 )
 from emberfl.core.context import ClientContext, current_client
 from emberfl.core.errors import ClientError, ClientTimeoutError, WorkerCrashedError
@@ -39,6 +40,7 @@ __all__ = [
     "ThreadPoolClientTrainer",
     "WorkerCrashedError",
     "current_client",
+    "deliver_uplink",
     "deserialize_model",
     "load_package",
     "process_tensors_in_object",

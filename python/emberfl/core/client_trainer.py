@@ -20,6 +20,15 @@ Optional attributes read by both pools (set them in ``__init__``; all have defau
     Seconds one client may run. The process pool stops the worker and raises
     :class:`ClientTimeoutError`; the thread pool raises it and sets ``stop_event``
     (a thread cannot be stopped from outside).
+``on_uplink`` (callable or None, default None)
+    ``on_uplink(index, package)`` is called in this process with every uplink, in
+    the order of ``cid_list`` (``index`` is the position in it), as soon as that
+    uplink and all the ones before it are in -- while later clients still train.
+    What it returns goes into ``cache`` instead of the package. A server that folds
+    each update into running sums and returns a tensor-free stand-in (contrib
+    FedAvg's ``fold_uplink``) makes a round's memory independent of its number of
+    clients: each uplink's file is deleted, and its mapping dropped, once it has
+    been handed over.
 
 Process pool only:
 
@@ -86,6 +95,7 @@ __all__ = [
     "ProcessPoolClientTrainer",
     "ThreadPoolClientTrainer",
     "WorkerCrashedError",
+    "deliver_uplink",
 ]
 
 logger = logging.getLogger("emberfl.core")
@@ -101,6 +111,9 @@ _RUNTIME_ATTR = "_emberfl_runtime"
 
 class BaseClientTrainer(Protocol[UplinkPackage, DownlinkPackage]):
     """Client-side training, serial: ``local_process`` runs clients one after another."""
+
+    # Called with each uplink, in client order, as it arrives; see the module docstring.
+    on_uplink: Callable[[int, Any], Any] | None = None
 
     def uplink_package(self) -> list[UplinkPackage]:
         """The packages produced since the last call (by default: empties ``self.cache``)."""
@@ -182,6 +195,23 @@ def _set_rounds_run(trainer: object, value: int) -> None:
     setattr(trainer, _ROUND_ATTR, value)
 
 
+class _RoundCounter(Protocol):
+    """The round counter both pools keep (it feeds the per-client random streams)."""
+
+    @property
+    def rounds_run(self) -> int:
+        """Rounds run so far; the next ``local_process`` runs round ``rounds_run``.
+
+        The round index feeds the per-client random streams. Set it when resuming a
+        run from a checkpoint so that the streams continue where they stopped.
+        """
+        return int(getattr(self, _ROUND_ATTR, 0))
+
+    @rounds_run.setter
+    def rounds_run(self, value: int) -> None:
+        _set_rounds_run(self, value)
+
+
 def _overrides(trainer: object, base: type, name: str) -> bool:
     return getattr(type(trainer), name, None) is not getattr(base, name)
 
@@ -211,10 +241,41 @@ class _Progress:
             self._bar.close()
 
 
-def _remove_uplink_files(paths: Iterable[Path]) -> None:
-    for p in paths:
-        with contextlib.suppress(OSError):
-            p.unlink()
+def deliver_uplink(trainer: object, index: int, package: UplinkPackage) -> UplinkPackage:
+    """What goes into ``trainer.cache`` for the uplink at position ``index``: the package,
+    or what the trainer's ``on_uplink`` hook makes of it (see the module docstring).
+
+    Trainers call it in client-list order; custom serial trainers can too.
+    """
+    hook = getattr(trainer, "on_uplink", None)
+    if hook is None:
+        return package
+    if not callable(hook):
+        raise TypeError(f"{type(trainer).__name__}.on_uplink must be callable or None")
+    return cast(UplinkPackage, hook(index, package))
+
+
+class _InOrder:
+    """Calls ``take(index)`` for each index in order, once it and all before it are done.
+
+    Completions arrive in any order; handing uplinks over in list order as early as
+    possible is what lets a folding server keep only the out-of-order backlog.
+    """
+
+    def __init__(self, count: int, take: Callable[[int], None]) -> None:
+        self._done = [False] * count
+        self._next = 0
+        self._take = take
+
+    def done(self, index: int) -> None:
+        self._done[index] = True
+        while self._next < len(self._done) and self._done[self._next]:
+            index, self._next = self._next, self._next + 1
+            self._take(index)
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self._done)
 
 
 # ------------------------------------------------------------------ process pool
@@ -368,6 +429,7 @@ def _no_buffer_template(trainer: object) -> NoReturn:
 
 class ProcessPoolClientTrainer(
     BaseClientTrainer[UplinkPackage, DownlinkPackage],
+    _RoundCounter,
     Protocol[UplinkPackage, DownlinkPackage, ClientConfig, BufferPackage],
 ):
     """Runs clients in ``num_parallels`` persistent worker processes.
@@ -499,19 +561,6 @@ class ProcessPoolClientTrainer(
             _shutdown_runtime(self)
 
     @property
-    def rounds_run(self) -> int:
-        """Rounds run so far; the next ``local_process`` runs round ``rounds_run``.
-
-        The round index feeds the per-client random streams. Set it when resuming a
-        run from a checkpoint so that the streams continue where they stopped.
-        """
-        return int(getattr(self, _ROUND_ATTR, 0))
-
-    @rounds_run.setter
-    def rounds_run(self, value: int) -> None:
-        _set_rounds_run(self, value)
-
-    @property
     def share_path(self) -> Path | None:
         """The directory this trainer's round files go to (None before the first round)."""
         state = getattr(self, _RUNTIME_ATTR, None)
@@ -614,8 +663,24 @@ class ProcessPoolClientTrainer(
                     uplink=str(uplinks[index]),
                 )
 
+            convert = template is not None or _overrides(
+                self, ProcessPoolClientTrainer, "convert_buffer_to_uplink"
+            )
+            results: list[UplinkPackage] = []
+
+            def take(index: int) -> None:
+                package = load_package(uplinks[index])
+                # The package stays readable through its mapping; unlinking now means
+                # the space is returned as soon as nothing refers to the package.
+                with contextlib.suppress(OSError):
+                    uplinks[index].unlink()
+                if convert:
+                    package = self.convert_buffer_to_uplink(package)
+                results.append(deliver_uplink(self, index, package))
+
+            collector = _InOrder(len(cids), take)
             if pool is None:
-                self._run_inline(runtime, spec, make_task, len(cids), round_index)
+                self._run_inline(runtime, spec, make_task, len(cids), round_index, collector)
             else:
                 self._run_pool(
                     pool,
@@ -626,15 +691,9 @@ class ProcessPoolClientTrainer(
                     timeout,
                     user_event,
                     stop_flag,
+                    collector,
                 )
-            results = [load_package(p) for p in uplinks]
-            # Each uplink stays readable through its mapping; unlinking now means the
-            # space is returned as soon as the server drops the package.
-            _remove_uplink_files(uplinks)
-            if template is not None or _overrides(
-                self, ProcessPoolClientTrainer, "convert_buffer_to_uplink"
-            ):
-                results = [self.convert_buffer_to_uplink(r) for r in results]
+            assert collector.complete
             self.cache.extend(results)
         except KeyboardInterrupt:
             logger.info("interrupted: stopping workers and removing %s", share.path)
@@ -662,6 +721,7 @@ class ProcessPoolClientTrainer(
         timeout: float | None,
         user_event: Any,
         flag: SharedFlag,
+        collector: _InOrder,
     ) -> None:
         custom_progress = _overrides(self, ProcessPoolClientTrainer, "progress_fn")
         bar = _Progress(
@@ -674,13 +734,17 @@ class ProcessPoolClientTrainer(
                 if user_event.is_set():
                     flag.set()
 
+        def on_done(index: int, seconds: float) -> None:
+            bar.done(seconds)
+            collector.done(index)
+
         run: RoundRun = pool.start_round(
             spec,
             make_task,
             count,
             client_timeout=timeout,
             retry_crashed=bool(getattr(self, "retry_crashed", False)),
-            on_done=lambda _i, s: bar.done(s),
+            on_done=on_done,
             poll=mirror,
         )
         try:
@@ -699,6 +763,7 @@ class ProcessPoolClientTrainer(
         make_task: Callable[[int], TaskSpec],
         count: int,
         round_index: int,
+        collector: _InOrder,
     ) -> None:
         if runtime.inline is None:
             runtime.inline = TaskRunner()
@@ -716,6 +781,7 @@ class ProcessPoolClientTrainer(
                         task.cid, f"{type(exc).__qualname__}: {exc}", traceback.format_exc()
                     ) from exc
                 bar.done(seconds)
+                collector.done(index)
         finally:
             RandomStateSnapshot.restore(snapshot)
             bar.close()
@@ -804,6 +870,7 @@ def _thread_runtime(trainer: object, size: int) -> _ThreadRuntime:
 
 class ThreadPoolClientTrainer(
     BaseClientTrainer[UplinkPackage, DownlinkPackage],
+    _RoundCounter,
     Protocol[UplinkPackage, DownlinkPackage],
 ):
     """Runs clients in ``num_parallels`` threads of this process.
@@ -844,19 +911,6 @@ class ThreadPoolClientTrainer(
     def get_client_device(self, cid: int) -> str:
         """The device client ``cid`` runs on: ``cuda:{cid % device_count}`` for "cuda"."""
         return _client_device(self, cid)
-
-    @property
-    def rounds_run(self) -> int:
-        """Rounds run so far; the next ``local_process`` runs round ``rounds_run``.
-
-        The round index feeds the per-client random streams. Set it when resuming a
-        run from a checkpoint so that the streams continue where they stopped.
-        """
-        return int(getattr(self, _ROUND_ATTR, 0))
-
-    @rounds_run.setter
-    def rounds_run(self, value: int) -> None:
-        _set_rounds_run(self, value)
 
     def shutdown(self) -> None:
         """Stop the worker threads (they finish the client they are running)."""
@@ -923,7 +977,9 @@ class ThreadPoolClientTrainer(
             results: list[UplinkPackage] = []
             for index, future in enumerate(futures):
                 watch.wait(future, futures)
-                results.append(future.result())
+                results.append(deliver_uplink(self, index, future.result()))
+                # Without this the future would keep the package alive all round.
+                futures[index] = _TAKEN
                 if not custom_progress:
                     bar.done(watch.finished.get(index, 0.0))
             self.cache.extend(results)
@@ -943,6 +999,10 @@ class ThreadPoolClientTrainer(
                 for future in futures:
                     with contextlib.suppress(BaseException):
                         future.exception(timeout=None)
+
+
+_TAKEN: Future[Any] = Future()
+_TAKEN.set_result(None)
 
 
 class _RoundWatch:
