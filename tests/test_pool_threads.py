@@ -88,6 +88,44 @@ def test_a_raising_client_is_named_and_the_rest_are_dropped() -> None:
         assert [p["cid"] for p in trainer.uplink_package()] == [1, 2]
 
 
+class GatedTrainer(Trainer):
+    """Client 9 finishes only once ``gate`` is set (or fails after 30 s)."""
+
+    def __init__(self, num_parallels: int) -> None:
+        super().__init__(num_parallels)
+        self.gate = threading.Event()
+
+    def worker(self, cid: int, device: str, payload: dict, stop_event: threading.Event) -> dict:
+        if cid == 9 and not self.gate.wait(30.0):
+            raise TimeoutError("client 9: the first uplink was never handed over")
+        return super().worker(cid, device, payload, stop_event)
+
+
+def test_uplinks_are_handed_over_in_order_while_the_round_runs() -> None:
+    with GatedTrainer(3) as trainer:
+        trainer.delays = {1: 0.2}
+        seen: list[tuple[int, int]] = []
+
+        def on_uplink(index: int, package: dict) -> int:
+            trainer.gate.set()  # a runtime that waited for the whole round would hang client 9
+            seen.append((index, package["cid"]))
+            return int(package["cid"]) * 10
+
+        trainer.on_uplink = on_uplink
+        cids = [4, 1, 0, 9, 2]
+        trainer.local_process({"w": torch.zeros(1)}, cids)
+        assert seen == list(enumerate(cids))
+        assert trainer.uplink_package() == [c * 10 for c in cids]
+
+        def refuse(index: int, package: dict) -> dict:
+            raise ValueError(f"server refused {package['cid']}")
+
+        trainer.on_uplink = refuse
+        with pytest.raises(ValueError, match="refused 4"):
+            trainer.local_process({"w": torch.zeros(1)}, [4, 5])
+        assert trainer.cache == []
+
+
 def test_client_timeout_in_threads() -> None:
     with Trainer(2) as trainer:
         trainer.client_timeout = 0.5  # type: ignore[attr-defined]
