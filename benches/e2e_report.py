@@ -7,13 +7,13 @@ framework overhead dominates, and one local epoch). Four ways to run the same wo
 
 ``emberfl-process``  ProcessPoolClientTrainer, ``--workers`` worker processes
 ``emberfl-thread``   ThreadPoolClientTrainer, ``--workers`` threads, 1 torch thread
-
-(both fold each uplink into the average as it arrives, through ``on_uplink``)
 ``serial-floor``     a plain loop in one process, averaging with torch; the faster
                      of 1 and 2 torch threads
 ``parallel-floor``   the clients split evenly over ``--workers`` plain processes with
                      1 torch thread each, each training its share with no
                      communication at all; a round takes the slowest one's time
+
+Both emberfl pools fold each uplink into the average as it arrives (``on_uplink``).
 
 Every run is a fresh subprocess, sampled every 50 ms for the RSS and PSS of its whole
 process tree (RSS counts pages of shared file mappings once per process; PSS shares

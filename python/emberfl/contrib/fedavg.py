@@ -347,8 +347,7 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
             self.dropped = fold.dropped
             self._report_dropped(self.dropped)
             # Finite updates can still overflow when summed; a list is checked the same way.
-            names = [name for name, _, _ in self.uplink_terms(kept[0])] if kept else []
-            for name, total in zip(names, sums, strict=True):
+            for name, total in zip(fold.names, sums, strict=True):
                 if aggregate.find_nonfinite([total], threads=self.aggregation_threads):
                     raise NonFiniteError(
                         f"round {self.round}: the sum of the {name} updates overflowed "
@@ -401,6 +400,7 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
             fold.dropped.append(package.cid)
         else:
             if not fold.sums:
+                fold.names = [name for name, _, _ in terms]
                 fold.sums = [torch.zeros(v.numel(), dtype=torch.float32) for v in vectors]
                 fold.totals = [0.0] * len(vectors)
             for k, ((_, _, weight), vector) in enumerate(zip(terms, vectors, strict=True)):
@@ -466,7 +466,7 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         """The uplinks to aggregate: all of them, or (``nonfinite="drop"``) the finite ones."""
         self.dropped = []
         for package in buffer:
-            if any(vector.is_meta for _, vector, _ in self.uplink_terms(package)):
+            if _is_stand_in(package):
                 raise ValueError(
                     f"the uplink of client {package.cid} is a stand-in that another handler's "
                     "fold_uplink returned (or one of an earlier round); hand each round's "
@@ -616,6 +616,7 @@ class _Fold:
     ids: set[int] = field(default_factory=set)  # their ids (kept alive by ``seen``)
     kept: list[Any] = field(default_factory=list)  # stand-ins of the folded uplinks
     dropped: list[int] = field(default_factory=list)  # cids left out (non-finite)
+    names: list[str] = field(default_factory=list)  # of the terms, as uplink_terms gave them
     sums: list[torch.Tensor] = field(default_factory=list)
     totals: list[float] = field(default_factory=list)
 
@@ -634,6 +635,19 @@ def _stand_in(package: Any) -> Any:
         if isinstance(value := getattr(package, f.name), torch.Tensor)
     }
     return dataclasses.replace(package, **meta)
+
+
+def _is_stand_in(package: Any) -> bool:
+    """Whether ``package`` came out of :func:`_stand_in` (judged by its fields, without
+    calling the handler's hooks on data-less tensors)."""
+    return (
+        dataclasses.is_dataclass(package)
+        and not isinstance(package, type)
+        and any(
+            isinstance(value := getattr(package, f.name), torch.Tensor) and value.is_meta
+            for f in dataclasses.fields(package)
+        )
+    )
 
 
 def _flat_f32(vector: torch.Tensor) -> torch.Tensor:
