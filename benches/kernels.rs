@@ -11,7 +11,11 @@ const LEN: usize = 1 << 20; // 1M parameters = 4 MB per f32 client
 
 fn clients(n: usize) -> Vec<Vec<f32>> {
     (0..n)
-        .map(|i| (0..LEN).map(|j| ((i * 31 + j) % 1000) as f32 * 1e-3).collect())
+        .map(|i| {
+            (0..LEN)
+                .map(|j| ((i * 31 + j) % 1000) as f32 * 1e-3)
+                .collect()
+        })
         .collect()
 }
 
@@ -26,7 +30,9 @@ fn bench_weighted_mean(c: &mut Criterion) {
         group.throughput(Throughput::Bytes((n * LEN * 4) as u64));
         for threads in [1usize, 2] {
             group.bench_with_input(BenchmarkId::new(format!("{threads}t"), n), &n, |b, _| {
-                b.iter(|| kernels::weighted_sum(&inputs, &weights, true, &mut out, threads, true).unwrap())
+                b.iter(|| {
+                    kernels::weighted_sum(&inputs, &weights, true, &mut out, threads, true).unwrap()
+                })
             });
         }
     }
@@ -56,7 +62,12 @@ fn bench_store(c: &mut Criterion) {
     let names: Vec<String> = (0..200).map(|i| format!("layer{i}.weight")).collect();
     let tensors: Vec<TensorRef> = names
         .iter()
-        .map(|n| TensorRef { name: n, dtype: Dtype::F32, shape: &[32, 32], data: &data })
+        .map(|n| TensorRef {
+            name: n,
+            dtype: Dtype::F32,
+            shape: &[32, 32],
+            data: &data,
+        })
         .collect();
     store::write_file(&path, &tensors, None, false).unwrap();
     let mut group = c.benchmark_group("store");

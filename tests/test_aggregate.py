@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from emberfl import aggregate, store
+from emberfl.streaming import NonFiniteContribution, StreamingSum, flat_f32, mean_of_sum
 
 
 def reference(xs: list[np.ndarray], w: np.ndarray, normalize: bool) -> np.ndarray:
@@ -127,6 +128,64 @@ def test_errors() -> None:
         aggregate.weighted_mean([torch.ones(20)[::2]], [1])
 
 
+def test_core_rejects_arrays_whose_dtype_is_not_the_kind() -> None:
+    # Same item size, other type: read as the kind's bits they would give wrong numbers.
+    from emberfl import _core
+
+    out = np.zeros(4, dtype=np.float32)
+    cases = [
+        (np.arange(4, dtype=np.int32), "f32", "float32", "int32"),
+        (np.zeros(4, dtype=">f4"), "f32", "float32", ">f4"),
+        (np.zeros(4, dtype=np.uint16), "f16", "float16", "uint16"),
+        (np.zeros(4, dtype=np.int16), "bf16", "uint16", "int16"),
+        (np.zeros(4, dtype=np.float16), "bf16", "uint16", "float16"),
+    ]
+    for x, kind, want, got in cases:
+        needle = rf'inputs\[0\]: expected a {want} array.* for kind "{kind}", got {got}'
+        with pytest.raises(TypeError, match=needle):
+            _core.weighted_sum([x], kind, [1.0], out)
+        with pytest.raises(TypeError, match=needle):
+            _core.find_nonfinite([x], kind)
+        with pytest.raises(TypeError, match=rf"x: expected a {want} array"):
+            _core.accumulate(out, x, kind, 1.0)
+    with pytest.raises(TypeError, match="out: expected a float32 array, got int32"):
+        _core.weighted_sum([out], "f32", [1.0], np.zeros(4, dtype=np.int32))
+    with pytest.raises(TypeError, match='unsupported input dtype "f64"'):
+        _core.find_nonfinite([out], "f64")
+    assert out.tolist() == [0.0] * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_results_are_bitwise_those_of_float32_steps_in_client_order(dtype: torch.dtype) -> None:
+    """Each element is ``((0 + f0*x0) + f1*x1) + ...`` in float32, whatever the threads."""
+    g = torch.Generator().manual_seed(5)
+    n, length = 11, 10_007  # more than a group of clients, more than a block
+    xs = [torch.randn(length, generator=g).to(dtype) for _ in range(n)]
+    w = [0.25 + (i * 7 % 5) for i in range(n)]
+    total = 0.0
+    for wi in w:  # in order, as the core sums in f64 (not compensated like builtin sum)
+        total += wi
+
+    def steps(factors: list[float]) -> np.ndarray:
+        acc = np.zeros(length, dtype=np.float32)
+        for f, x in zip(factors, xs, strict=True):
+            acc = acc + np.float32(f) * x.float().numpy()
+        return acc
+
+    mean_ref = steps([wi / total for wi in w]).view(np.uint32)
+    sum_ref = steps(w).view(np.uint32)
+    for threads in (1, 3):
+        mean = aggregate.weighted_mean(xs, w, threads=threads)
+        total_sum = aggregate.weighted_sum(xs, w, threads=threads)
+        assert isinstance(mean, torch.Tensor) and isinstance(total_sum, torch.Tensor)
+        np.testing.assert_array_equal(mean.numpy().view(np.uint32), mean_ref)
+        np.testing.assert_array_equal(total_sum.numpy().view(np.uint32), sum_ref)
+    acc = torch.zeros(length)
+    for wi, x in zip(w, xs, strict=True):
+        aggregate.accumulate(acc, x, wi, threads=2)
+    np.testing.assert_array_equal(acc.numpy().view(np.uint32), sum_ref)
+
+
 def test_nonfinite_inputs_are_reported() -> None:
     good = torch.ones(8192)
     bad = torch.ones(8192)
@@ -142,3 +201,139 @@ def test_nonfinite_inputs_are_reported() -> None:
     assert isinstance(out, torch.Tensor)
     assert torch.isnan(out[5000]) and float(out[0]) == 1.0
     assert issubclass(aggregate.NonFiniteError, ValueError)
+
+
+# --- streaming sums ----------------------------------------------------------------------
+
+
+def _contributions(n: int, length: int, seed: int) -> list[list[tuple[str, torch.Tensor, float]]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        [
+            ("model", torch.randn(length, generator=g), float(i % 5 + 1)),
+            ("control", torch.randn(length // 3, generator=g), 1.0 / n),
+        ]
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_streaming_sum_is_bitwise_the_kernel_sum_of_the_list(threads: int) -> None:
+    contributions = _contributions(13, 20_003, seed=threads)
+    one_by_one = StreamingSum(threads=threads)
+    for terms in contributions:
+        assert one_by_one.add(terms)
+    at_once = StreamingSum(threads=threads)
+    assert at_once.add_many(contributions) == [True] * 13
+    for k, name in enumerate(("model", "control")):
+        column = [terms[k] for terms in contributions]
+        listed = aggregate.weighted_sum([v for _, v, _ in column], [w for _, _, w in column])
+        assert isinstance(listed, torch.Tensor)
+        assert torch.equal(one_by_one.sum(name), listed)
+        assert torch.equal(at_once.sum(name), listed)
+        total = sum(w for _, _, w in column)
+        assert one_by_one.total(name) == at_once.total(name) == total
+        assert torch.equal(one_by_one.mean(name), torch.div(listed, total))
+        assert torch.equal(at_once.mean(name), mean_of_sum(listed, total))
+    assert one_by_one.names == at_once.names == ("model", "control")
+    assert one_by_one.count == at_once.count == 13
+    # A list folded into sums that already hold something is added item by item.
+    half = StreamingSum(threads=threads)
+    half.add(contributions[0])
+    half.add_many(contributions[1:])
+    assert torch.equal(half.sum("model"), one_by_one.sum("model"))
+
+
+def test_streaming_sum_refuses_nonfinite_contributions_whole() -> None:
+    contributions = _contributions(4, 999, seed=5)
+    contributions[1][1][1][7] = float("nan")  # control of the second
+    contributions[3][0][1][0] = float("-inf")  # model of the fourth
+
+    raising = StreamingSum()
+    with pytest.raises(
+        aggregate.NonFiniteError, match=r"the control and model terms of contributions \['b', 'd'\]"
+    ):
+        raising.add_many(contributions, labels=["a", "b", "c", "d"])
+    assert raising.count == 0 and raising.names == ()
+
+    clean = [contributions[0], contributions[2]]
+    expected = StreamingSum()
+    expected.add_many(clean)
+    for fold in ("one by one", "at once"):
+        skipping = StreamingSum(nonfinite="skip", threads=2)
+        if fold == "at once":
+            folded = skipping.add_many(contributions, labels=[10, 11, 12, 13])
+        else:
+            folded = [skipping.add(t, label=10 + i) for i, t in enumerate(contributions)]
+        assert folded == [True, False, True, False]
+        assert skipping.skipped == [
+            NonFiniteContribution(11, ("control",)),
+            NonFiniteContribution(13, ("model",)),
+        ]
+        assert skipping.count == 2
+        assert torch.equal(skipping.sum("model"), expected.sum("model"))
+        assert torch.equal(skipping.sum("control"), expected.sum("control"))
+        assert skipping.totals == expected.totals
+
+    # Labels default to the contribution's position.
+    unnamed = StreamingSum(nonfinite="skip")
+    unnamed.add(contributions[0])
+    unnamed.add(contributions[1])
+    assert unnamed.skipped == [NonFiniteContribution(1, ("control",))]
+
+
+def test_streaming_sum_reports_overflow_and_refuses_its_mean() -> None:
+    sums = StreamingSum()
+    for _ in range(3):
+        sums.add([("model", torch.full((8,), 3e38), 1.0), ("other", torch.ones(8), 2.0)])
+    assert sums.overflowed() == ["model"]
+    with pytest.raises(aggregate.NonFiniteError, match="sum of the model terms overflowed"):
+        sums.mean("model")
+    assert torch.equal(sums.mean("other"), torch.ones(8))
+    with pytest.raises(aggregate.NonFiniteError, match="overflowed"):
+        sums.means()
+
+
+def test_streaming_sum_errors() -> None:
+    sums = StreamingSum()
+    with pytest.raises(KeyError, match="nothing has been folded"):
+        sums.mean("model")
+    sums.add([("model", torch.ones(4), 0.0)])
+    with pytest.raises(ValueError, match="finite and > 0"):
+        sums.mean("model")
+    with pytest.raises(KeyError, match=r"no term 'x' \(terms: \['model'\]\)"):
+        sums.sum("x")
+    with pytest.raises(ValueError, match=r"terms \['other'\], expected \['model'\]"):
+        sums.add([("other", torch.ones(4), 1.0)])
+    with pytest.raises(ValueError, match="term 'model' has 5 values, expected 4"):
+        sums.add([("model", torch.ones(5), 1.0)])
+    with pytest.raises(ValueError, match="must be finite"):
+        sums.add([("model", torch.ones(4), float("inf"))])
+    with pytest.raises(TypeError, match="must be a number"):
+        sums.add([("model", torch.ones(4), "1")])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        sums.add([("model", np.ones(4, dtype=np.float32), 1.0)])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="non-empty sequence"):
+        sums.add([])
+    with pytest.raises(ValueError, match="names a term twice"):
+        sums.add([("model", torch.ones(4), 1.0), ("model", torch.ones(4), 1.0)])
+    with pytest.raises(ValueError, match="2 labels for 1 contributions"):
+        StreamingSum().add_many([[("model", torch.ones(4), 1.0)]], labels=[1, 2])
+    with pytest.raises(ValueError, match="term 'model' has 3 values, expected 4"):
+        StreamingSum().add_many([[("model", torch.ones(4), 1.0)], [("model", torch.ones(3), 1.0)]])
+    with pytest.raises(ValueError, match="nonfinite"):
+        StreamingSum(nonfinite="drop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threads must be positive"):
+        StreamingSum(threads=0)
+    # The failed calls folded nothing.
+    assert sums.count == 1 and torch.equal(sums.sum("model"), torch.zeros(4))
+
+
+def test_streaming_sum_flattens_other_shapes_and_dtypes() -> None:
+    sums = StreamingSum()
+    sums.add([("w", torch.arange(6.0, dtype=torch.float64).view(2, 3), 2.0)])
+    sums.add([("w", torch.ones(3, 2, dtype=torch.float16), 1.0)])
+    assert torch.equal(sums.sum("w"), torch.arange(6.0) * 2 + 1)
+    # The usual uplink (1-D float32 on the CPU) is used as it is, not copied.
+    vector = torch.ones(4)
+    assert flat_f32(vector) is vector

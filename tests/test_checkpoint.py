@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+import re
+import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from emberfl import store
+from emberfl.checkpoint import RunDirLock
 from emberfl.cli import main
 from emberfl.metrics import read_metrics
 from emberfl.simulation import (
     ALGORITHMS,
     CheckpointError,
     ConfigError,
+    RunDirLockedError,
     Simulation,
     SimulationConfig,
     latest_checkpoint,
@@ -24,6 +27,11 @@ from emberfl.simulation import (
     resume_simulation,
     run_simulation,
 )
+
+# Bitwise comparisons need one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ModelBytes = Callable[[Path], dict[str, bytes]]
 
 TINY: dict[str, Any] = {
     "clients": 6,
@@ -40,21 +48,6 @@ TINY: dict[str, Any] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def model_bytes(run_dir: Path) -> dict[str, bytes]:
-    tensors = store.load(run_dir / "model.safetensors")
-    return {k: v.contiguous().view(torch.uint8).numpy().tobytes() for k, v in tensors.items()}
-
-
 def run_partly(run_dir: Path, rounds: int, **settings: Any) -> None:
     """Run ``rounds`` rounds and stop as if killed (no final model)."""
     config = SimulationConfig.from_mapping({**TINY, **settings})
@@ -64,7 +57,7 @@ def run_partly(run_dir: Path, rounds: int, **settings: Any) -> None:
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_resume_continues_bitwise(algorithm: str, tmp_path: Path) -> None:
+def test_resume_continues_bitwise(algorithm: str, tmp_path: Path, model_bytes: ModelBytes) -> None:
     extra = {"server_lr": 0.1} if algorithm in ("fedadam", "fedyogi", "fedadagrad") else {}
     run_simulation(TINY, out=str(tmp_path / "ref"), algorithm=algorithm, **extra)
     # Three rounds: the third is lost, the run continues from the checkpoint of round 2.
@@ -76,10 +69,13 @@ def test_resume_continues_bitwise(algorithm: str, tmp_path: Path) -> None:
     assert read_metrics(tmp_path / "run")["round"].tolist() == [1.0, 2.0, 3.0, 4.0]
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert "checkpoint-4" in names and "checkpoint-2" not in names
-    assert not [n for n in names if n.startswith(".")]
+    # Nothing hidden is left but the lock file, which stays with the directory.
+    assert [n for n in names if n.startswith(".")] == [".lock"]
 
 
-def test_resume_with_another_runtime_is_bitwise_identical(tmp_path: Path) -> None:
+def test_resume_with_another_runtime_is_bitwise_identical(
+    tmp_path: Path, model_bytes: ModelBytes
+) -> None:
     run_simulation(TINY, out=str(tmp_path / "ref"), algorithm="scaffold")
     run_partly(tmp_path / "run", 2, algorithm="scaffold")
     resume_simulation(tmp_path / "run", runtime="serial")
@@ -101,7 +97,7 @@ def test_client_state_is_restored_to_the_checkpoint(tmp_path: Path) -> None:
         assert restored == at_checkpoint
 
 
-def test_without_a_checkpoint_the_run_starts_over(tmp_path: Path) -> None:
+def test_without_a_checkpoint_the_run_starts_over(tmp_path: Path, model_bytes: ModelBytes) -> None:
     run_simulation(TINY, out=str(tmp_path / "ref"))
     run_partly(tmp_path / "run", 1)
     assert latest_checkpoint(tmp_path / "run") is None
@@ -143,3 +139,76 @@ def test_cli_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "-q"]  # fmt: skip
     assert main(argv) == 0
     assert load_checkpoint(tmp_path / "c").round == 2
+
+
+# ----------------------------------------------------------- modes and one writer
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["022", "077"])
+def test_run_directory_gets_the_umask_modes(tmp_path: Path, mask: int) -> None:
+    from emberfl.plot import plot_runs
+
+    before = os.umask(mask)
+    try:
+        run = tmp_path / "run"
+        # One round and stop, resume to the end: the files of a resume are checked too.
+        settings = {**TINY, "algorithm": "scaffold", "rounds": 2, "checkpoint_every": 1}
+        with Simulation(SimulationConfig.from_mapping(settings), run) as simulation:
+            simulation.run_round()
+        resume_simulation(run)
+        png = plot_runs([run], tmp_path / "plots" / "acc.png")
+    finally:
+        os.umask(before)
+    paths = [run, *sorted(run.rglob("*")), png.parent, png]
+    names = {p.relative_to(tmp_path).as_posix() for p in paths}
+    for expected in ("run/config.json", "run/metrics.csv", "run/latest", "run/.lock",
+                     "run/checkpoint-2/manifest.json", "run/checkpoint-2/metrics.csv",
+                     "run/checkpoint-2/server.safetensors", "run/client_state",
+                     "run/model.safetensors"):  # fmt: skip
+        assert expected in names, expected
+    modes = {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths}
+    want = {name: oct((0o777 if (tmp_path / name).is_dir() else 0o666) & ~mask) for name in modes}
+    assert modes == want
+
+
+def test_one_writer_per_run_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_partly(run, 3)
+    with Simulation.for_resume(run) as holder:
+        holder.prepare()
+        work = [p for p in run.iterdir() if p.name.startswith(".work-")]
+        assert work and (run / ".lock").read_text().strip() == str(os.getpid())
+        # A second writer, in this process or another, fails before touching anything:
+        # the holder's scratch directory is still there.
+        with pytest.raises(
+            RunDirLockedError, match=rf"{re.escape(str(run))}.* process {os.getpid()}"
+        ):
+            Simulation.for_resume(run).prepare()
+        with pytest.raises(RunDirLockedError) as info:
+            run_simulation(TINY, out=str(run))
+        assert info.value.pid == os.getpid() and info.value.run_dir == run
+        assert all(p.is_dir() for p in work)
+        holder.run()
+    # Released on close; the lock file stays, and does not make a directory a run.
+    assert (run / ".lock").is_file()
+    assert resume_simulation(run).metrics == []
+    # A lock file left by a holder that died is no run either, and no obstacle.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".lock").write_text("999999999\n")
+    assert [m.round for m in run_simulation(TINY, out=str(fresh)).metrics] == [1, 2, 3, 4]
+
+
+def test_cli_refuses_a_locked_run_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_partly(tmp_path / "run", 1)
+    with RunDirLock(tmp_path / "run"):
+        assert main(["resume", str(tmp_path / "run"), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert f"process {os.getpid()}" in err and "Traceback" not in err
+        assert err.count("\n") == 1 and str(tmp_path / "run") in err
+        argv = ["run", "--out", str(tmp_path / "run"), "--runtime", "serial", "-q"]
+        assert main(argv) == 2
+        assert f"process {os.getpid()}" in capsys.readouterr().err
+    assert main(["resume", str(tmp_path / "run"), "-q"]) == 0

@@ -6,11 +6,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from emberfl import store
 from emberfl.cli import main
@@ -28,13 +26,6 @@ TINY = [
     "--clients", "6", "--sample-ratio", "0.5", "--rounds", "2", "--epochs", "2", "--lr", "0.1",
     "--no-progress", "--threads", "1",
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def _run_help(capsys: pytest.CaptureFixture[str]) -> str:

@@ -6,28 +6,35 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from emberfl.aggregate import NonFiniteError
 from emberfl.contrib import (
     FedAvgBaseClientTrainer,
     FedAvgBaseServerHandler,
+    FedAvgClientUpdate,
     FedAvgDownlinkPackage,
     FedAvgPartitionType,
     FedAvgProcessPoolClientTrainer,
     FedAvgThreadPoolClientTrainer,
+    FedAvgTrainerSettings,
     FedAvgUplinkPackage,
 )
-from emberfl.core import serialize_model
-from emberfl.data import iid, load_digits
-from emberfl.datastore import StorePartitionedDataset
-from emberfl.simulation import ZooModelSelector, write_store
+from emberfl.core import BaseServerHandler, IPCMode, deserialize_model, serialize_model
+from emberfl.data import StorePartitionedDataset, iid, load_digits
+from emberfl.models import ZooModelSelector
+from emberfl.simulation import write_store
+from emberfl.streaming import StreamingSum
+
+# Bitwise comparisons need one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLIENTS = 6
 
@@ -39,19 +46,6 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[StorePartitionedDa
         tmp_path_factory.mktemp("digits") / "store", data, iid(data.train_y, CLIENTS, seed=0)
     )
     return store, ZooModelSelector(data.in_shape, data.num_classes, seed=0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Bitwise comparisons need the same intra-op thread count everywhere (reductions
-    # split over threads round differently); one thread also keeps these tiny models
-    # from oversubscribing a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _handler(digits: Any, rounds: int = 2, ratio: float = 0.5, **kw: Any) -> Any:
@@ -276,16 +270,196 @@ def test_sampling_is_seeded_and_independent_of_evaluation(digits: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("global_round", "num_clients", "sample_ratio", "message"),
     [
-        ({"rounds": 0}, "global_round"),
-        ({"ratio": 0.0}, "sample_ratio"),
-        ({"ratio": 0.1}, "zero clients"),
+        # BlazeFL's messages, which its users' tests match on.
+        (0, 10, 0.3, "global_round must be positive"),
+        (1, 0, 0.3, "num_clients must be positive"),
+        (1, 10, 0.0, "sample_ratio must be in the interval"),
+        (1, 10, 1.1, "sample_ratio must be in the interval"),
+        (1, 10, 0.05, "sample_ratio selects zero clients per round"),
     ],
 )
-def test_server_rejects_bad_settings(digits: Any, kwargs: dict[str, Any], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        _handler(digits, **kwargs)
+def test_server_rejects_bad_sampling_settings_with_blazefl_messages(
+    digits: Any, global_round: int, num_clients: int, sample_ratio: float, message: str
+) -> None:
+    dataset, selector = digits
+    with pytest.raises(ValueError, match=message):
+        FedAvgBaseServerHandler(
+            model_selector=selector,
+            model_name="mlp",
+            dataset=dataset,
+            global_round=global_round,
+            num_clients=num_clients,
+            sample_ratio=sample_ratio,
+            device="cpu",
+            batch_size=2,
+            seed=42,
+        )
+
+
+def test_server_rejects_other_bad_settings(digits: Any) -> None:
+    with pytest.raises(ValueError, match=r"global_round must be positive \(an int >= 1\), got 0"):
+        _handler(digits, rounds=0)
+    with pytest.raises(TypeError, match="global_round must be positive"):
+        _handler(digits, rounds=1.5)
+    with pytest.raises(ValueError, match="aggregation_threads must be positive"):
+        _handler(digits, aggregation_threads=0)
+    dataset, selector = digits
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        FedAvgBaseServerHandler(selector, "mlp", dataset, 1, CLIENTS, 0.5, "cpu", 0, 7)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\)"):
+        FedAvgBaseServerHandler(selector, "mlp", dataset, 1, CLIENTS, 0.5, "cpu", 8, 2**32)
+    with pytest.raises(TypeError, match="seed"):
+        FedAvgBaseServerHandler(selector, "mlp", dataset, 1, CLIENTS, 0.5, "cpu", 8, "7")
+
+
+def test_evaluate_rejects_an_empty_test_loader(digits: Any) -> None:
+    model = _handler(digits).model
+    empty = DataLoader(TensorDataset(torch.empty(0, 64), torch.empty(0, dtype=torch.long)))
+    with pytest.raises(ValueError, match="must yield at least one sample"):
+        FedAvgBaseServerHandler.evaluate(model, empty, "cpu")
+    # A non-empty loader gives a loss and an accuracy in [0, 1].
+    one = DataLoader(TensorDataset(torch.zeros(3, 64), torch.tensor([0, 1, 2])), batch_size=2)
+    loss, acc = FedAvgBaseServerHandler.evaluate(model, one, "cpu")
+    assert loss > 0 and acc in (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+class _UsersHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownlinkPackage]):
+    """A server of a user's own: plain data-size-weighted FedAvg, folded with a
+    StreamingSum as each uplink arrives instead of buffered."""
+
+    def __init__(self, model: nn.Module, per_round: int) -> None:
+        self.model, self.per_round, self.round = model, per_round, 0
+        self.sums = StreamingSum()
+
+    def load(self, payload: FedAvgUplinkPackage) -> bool:
+        self.sums.add([("model", payload.model_parameters, float(payload.data_size))])
+        if self.sums.count < self.per_round:
+            return False
+        deserialize_model(self.model, self.sums.mean("model"))
+        self.sums, self.round = StreamingSum(), self.round + 1
+        return True
+
+    def downlink_package(self) -> FedAvgDownlinkPackage:
+        return FedAvgDownlinkPackage(serialize_model(self.model))
+
+    def is_stopped(self) -> bool:
+        return self.round >= 2
+
+
+def test_a_custom_handler_folds_with_a_streaming_sum_bitwise_like_fedavg(digits: Any) -> None:
+    dataset, selector = digits
+    fedavg = _handler(digits)
+    users = _UsersHandler(selector.select_model("mlp"), fedavg.num_clients_per_round)
+    trainer = FedAvgBaseClientTrainer(
+        selector, "mlp", dataset, "cpu", CLIENTS, 1, 10, 0.1, 7, progress=False
+    )
+    start = serialize_model(users.model).clone()
+    while not users.is_stopped():
+        cids = fedavg.sample_clients()
+        trainer.local_process(fedavg.downlink_package(), cids)
+        for package in trainer.uplink_package():
+            assert fedavg.load(package) == users.load(package)
+    assert users.round == fedavg.round == 2
+    assert torch.equal(serialize_model(users.model), serialize_model(fedavg.model))
+    assert not torch.equal(serialize_model(users.model), start)
+
+
+def _trainers(digits: Any, tmp_path: Path) -> dict[str, Callable[..., Any]]:
+    """Build each FedAvg trainer from the nine shared arguments (in BlazeFL's order)."""
+    dataset, selector = digits
+
+    def serial(*args: Any, **kw: Any) -> Any:
+        return FedAvgBaseClientTrainer(selector, "mlp", dataset, *args, progress=False, **kw)
+
+    def threads(*args: Any, **kw: Any) -> Any:
+        return FedAvgThreadPoolClientTrainer(selector, "mlp", dataset, *args, 1, **kw)
+
+    def process(*args: Any, **kw: Any) -> Any:
+        # No worker processes: these tests build trainers, they run no client.
+        return FedAvgProcessPoolClientTrainer(
+            selector, "mlp", tmp_path / "state", dataset, *args, 0, progress=False, **kw
+        )
+
+    return {"serial": serial, "thread": threads, "process": process}
+
+
+@pytest.mark.parametrize("kind", ["serial", "thread", "process"])
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        (("cpu", 0, 1, 10, 0.1, 7), ValueError, r"num_clients must be positive \(an int >= 1\)"),
+        (("cpu", 6, -1, 10, 0.1, 7), ValueError, "epochs must be non-negative"),
+        (("cpu", 6, 1, 0, 0.1, 7), ValueError, "batch_size must be positive"),
+        (("cpu", 6, 1, 10, 0.0, 7), ValueError, "lr must be a finite number > 0"),
+        (("cpu", 6, 1, 10, float("nan"), 7), ValueError, "lr must be a finite number"),
+        (("cpu", 6, 1, 10, "0.1", 7), TypeError, "lr must be a finite number"),
+        (("cpu", 6, 1, 10, 0.1, -1), ValueError, r"seed must be an int in \[0, 2\*\*32\)"),
+        (("cpu", 6, 1, 10, 0.1, 7.0), TypeError, "seed must be an int"),
+        ((3, 6, 1, 10, 0.1, 7), TypeError, "device must be a str"),
+    ],
+)
+def test_trainers_check_their_settings_in_one_place(
+    digits: Any, tmp_path: Path, kind: str, args: tuple[Any, ...], error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        _trainers(digits, tmp_path)[kind](*args)
+
+
+@pytest.mark.parametrize("kind", ["serial", "thread", "process"])
+def test_trainer_attributes_read_and_replace_the_shared_settings(
+    digits: Any, tmp_path: Path, kind: str
+) -> None:
+    dataset, selector = digits
+    trainer = _trainers(digits, tmp_path)[kind]("cpu", CLIENTS, 2, 10, 0.1, 7)
+    settings = trainer.settings
+    assert isinstance(settings, FedAvgTrainerSettings)
+    assert (trainer.epochs, trainer.batch_size, trainer.lr, trainer.seed) == (2, 10, 0.1, 7)
+    assert trainer.model_selector is selector and trainer.dataset is dataset
+    assert type(trainer.client_update) is FedAvgClientUpdate
+    trainer.lr = 0.5
+    assert trainer.settings.lr == 0.5 and settings.lr == 0.1  # replaced, not mutated
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        trainer.batch_size = 0
+    assert trainer.batch_size == 10
+    if kind == "process":
+        assert trainer.state_dir == tmp_path / "state" and trainer.state_dir.is_dir()
+        config = trainer.get_client_config(3)
+        assert (config.cid, config.lr, config.epochs, config.seed) == (3, 0.5, 2, 7)
+        assert config.state_path == tmp_path / "state" / "3.safetensors"
+        trainer.close()
+    else:
+        assert trainer.state_dir is None
+
+
+def test_settings_attributes_need_the_base_init_first(digits: Any) -> None:
+    dataset, selector = digits
+
+    class Early(FedAvgBaseClientTrainer):
+        def __init__(self) -> None:
+            self.lr = 0.5  # before the base __init__ built the settings
+            super().__init__(selector, "mlp", dataset, "cpu", CLIENTS, 1, 10, 0.1, 7)
+
+    with pytest.raises(AttributeError, match=r"Early\.lr lives in the trainer's settings"):
+        Early()
+
+
+def test_process_trainer_accepts_blazefl2_ipc_modes(digits: Any, tmp_path: Path) -> None:
+    build = _trainers(digits, tmp_path)["process"]
+    default = build("cpu", CLIENTS, 1, 10, 0.1, 7)
+    assert default.ipc_mode is IPCMode.STORAGE
+    for given, expected in [
+        (IPCMode.SHARED_MEMORY, IPCMode.SHARED_MEMORY),
+        ("STORAGE", IPCMode.STORAGE),
+        ("SHARED_MEMORY", IPCMode.SHARED_MEMORY),
+    ]:
+        trainer = build("cpu", CLIENTS, 1, 10, 0.1, 7, ipc_mode=given)
+        assert trainer.ipc_mode is expected
+        trainer.close()
+    with pytest.raises(ValueError, match="ipc_mode must be one of STORAGE, SHARED_MEMORY"):
+        build("cpu", CLIENTS, 1, 10, 0.1, 7, ipc_mode="pipes")
+    default.close()
 
 
 @pytest.mark.slow

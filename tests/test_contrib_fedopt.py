@@ -3,7 +3,6 @@ buffers averaged rather than optimised, and training on digits."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,13 @@ from emberfl.contrib import (
 )
 from emberfl.core import serialize_model
 from emberfl.data import iid, load_digits
-from emberfl.simulation import ZooModelSelector, write_store
+from emberfl.models import ZooModelSelector
+from emberfl.simulation import write_store
+
+# Bitwise comparisons need one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 X0 = np.array([0.5, -1.0, 0.25])  # Linear(2, 1): weight (1x2), then bias
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class ToySelector:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,15 @@ from emberfl.contrib import (
     FedProxProcessPoolClientTrainer,
     FedProxThreadPoolClientTrainer,
 )
-from emberfl.core import serialize_model
+from emberfl.core import IPCMode, serialize_model
 from emberfl.data import dirichlet, load_digits
-from emberfl.simulation import ZooModelSelector, write_store
+from emberfl.models import ZooModelSelector
+from emberfl.simulation import write_store
+
+# Bitwise comparisons need one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLIENTS = 6
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +138,11 @@ def test_trainers_take_fedavg_arguments_plus_mu(digits: Any, tmp_path: Path) -> 
     dataset, selector = digits
     process = FedProxProcessPoolClientTrainer(
         selector, "mlp", tmp_path / "state", dataset, "cpu", CLIENTS, 1, 10, 0.1, 0, 1,
-        mu=0.3, progress=False,
+        mu=0.3, progress=False, share_dir=tmp_path / "share", ipc_mode=IPCMode.SHARED_MEMORY,
     )  # fmt: skip
     process.close()
     assert process.mu == 0.3
+    assert process.ipc_mode is IPCMode.SHARED_MEMORY
     assert isinstance(process.client_update, FedProxClientUpdate)
     assert process.get_client_config(4).client_update.mu == 0.3
     with pytest.raises(ValueError, match="mu"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +22,19 @@ from emberfl.contrib import (
     ScaffoldBaseClientTrainer,
     ScaffoldClientUpdate,
     ScaffoldDownlinkPackage,
+    ScaffoldProcessPoolClientTrainer,
     ScaffoldServerHandler,
     ScaffoldThreadPoolClientTrainer,
     ScaffoldUplinkPackage,
 )
 from emberfl.contrib.scaffold import CONTROL_KEY
-from emberfl.core import serialize_model
+from emberfl.core import IPCMode, serialize_model
 from emberfl.data import iid, load_digits
-from emberfl.simulation import ZooModelSelector, write_store
+from emberfl.models import ZooModelSelector
+from emberfl.simulation import write_store
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# Bitwise comparisons need one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 W0 = np.array([[0.2, -0.1], [0.05, 0.3]], dtype=np.float32)
@@ -152,6 +146,19 @@ def test_client_update_needs_state_and_a_scaffold_payload(tmp_path: Path) -> Non
         )
     with pytest.raises(ValueError, match="state_dir"):
         ScaffoldBaseClientTrainer(TinySelector(), "t", None, "cpu", 4, 1, 2, 0.1, 0)
+
+
+def test_process_trainer_takes_fedavg_arguments_and_blazefl2_keywords(tmp_path: Path) -> None:
+    # num_parallels=0: built, not run, so no worker process is started.
+    trainer = ScaffoldProcessPoolClientTrainer(
+        model_selector=TinySelector(), model_name="t", share_dir=tmp_path / "share",
+        state_dir=tmp_path / "controls", dataset=None, device="cpu", num_clients=4,
+        epochs=1, batch_size=2, lr=0.1, seed=0, num_parallels=0, ipc_mode="SHARED_MEMORY",
+    )  # fmt: skip
+    trainer.close()
+    assert trainer.ipc_mode is IPCMode.SHARED_MEMORY
+    assert isinstance(trainer.client_update, ScaffoldClientUpdate)
+    assert trainer.get_client_config(2).state_path == tmp_path / "controls" / "2.safetensors"
 
 
 def test_server_averages_models_and_moves_the_control(tmp_path: Path) -> None:

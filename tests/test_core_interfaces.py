@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from enum import Enum
 
@@ -28,8 +29,50 @@ def test_blazefl_core_names_are_exported() -> None:
         "SHMHandle",
     }
     assert blazefl_names <= set(core.__all__)
-    for name in core.__all__:
-        assert getattr(core, name) is not None
+
+
+# Where each public name of emberfl.core is defined: contrib, data and simulation
+# import these from the package, never from its submodules.
+_EXPORTS = {
+    "BaseClientTrainer": "emberfl.core.client_trainer",
+    "BaseServerHandler": "emberfl.core.server_handler",
+    "ClientContext": "emberfl.core.context",
+    "ClientError": "emberfl.core.errors",
+    "ClientTimeoutError": "emberfl.core.errors",
+    "FilteredDataset": "emberfl.core.partitioned_dataset",
+    "IPCMode": "emberfl.core.ipc",
+    "ModelSelector": "emberfl.core.model_selector",
+    "PackageError": "emberfl.core.packages",
+    "PartitionedDataset": "emberfl.core.partitioned_dataset",
+    "ProcessPoolClientTrainer": "emberfl.core.process_pool",
+    "SHMHandle": "emberfl.core.utils",
+    "ThreadPoolClientTrainer": "emberfl.core.thread_pool",
+    "WorkerCrashedError": "emberfl.core.errors",
+    "accept_ipc_mode": "emberfl.core.ipc",
+    "available_cpus": "emberfl.core.runtime",
+    "client_scope": "emberfl.core.context",
+    "current_client": "emberfl.core.context",
+    "deliver_uplink": "emberfl.core.client_trainer",
+    "deserialize_model": "emberfl.core.utils",
+    "load_package": "emberfl.core.packages",
+    "process_tensors_in_object": "emberfl.core.utils",
+    "reconstruct_from_shared_memory": "emberfl.core.utils",
+    "save_package": "emberfl.core.packages",
+    "serialize_model": "emberfl.core.utils",
+}
+
+
+def test_all_lists_exactly_the_public_names_sorted() -> None:
+    assert core.__all__ == sorted(_EXPORTS)
+
+
+@pytest.mark.parametrize("name", sorted(_EXPORTS))
+def test_each_export_is_the_object_defined_in_its_module(name: str) -> None:
+    module = importlib.import_module(_EXPORTS[name])
+    exported = getattr(core, name)
+    assert exported is getattr(module, name)
+    assert exported.__module__ == _EXPORTS[name]
+    assert name in module.__all__
 
 
 def _params(fn: object) -> list[tuple[str, str]]:

@@ -111,3 +111,59 @@ def test_reconstruct_reports_a_structure_mismatch() -> None:
         reconstruct_from_shared_memory([SHMHandle(), SHMHandle()], [torch.zeros(1)])
     with pytest.raises(KeyError, match="missing"):
         reconstruct_from_shared_memory({"missing": SHMHandle()}, {"other": torch.zeros(1)})
+
+
+@dataclass
+class Holder:
+    """An object whose attributes sit two levels below it (object, then ``__dict__``)."""
+
+    top: torch.Tensor
+    inner: Buffer
+    items: list[torch.Tensor]
+
+
+def _holder() -> Holder:
+    return Holder(
+        top=torch.zeros(1),
+        inner=Buffer(cid=3, model_parameters=torch.ones(2), data_size=1),
+        items=[torch.full((1,), 2.0)],
+    )
+
+
+def test_replace_mode_leaves_tensors_below_max_depth_untouched() -> None:
+    # BlazeFL counts an object's attributes two levels down: with max_depth=2 the
+    # holder's own tensor (depth 2) is replaced, but the list items (depth 3) and the
+    # inner object's tensor (depth 4) stay the very tensors they were.
+    pkg = _holder()
+    out = process_tensors_in_object(pkg, mode="replace", max_depth=2)
+    assert isinstance(out.top, SHMHandle)
+    assert out.items is pkg.items and out.items[0] is pkg.items[0]
+    assert out.inner is pkg.inner and out.inner.model_parameters is pkg.inner.model_parameters
+    # One level more reaches the list items, three more the inner object's tensor.
+    deeper = process_tensors_in_object(pkg, mode="replace", max_depth=3)
+    assert isinstance(deeper.items[0], SHMHandle)
+    assert deeper.inner.model_parameters is pkg.inner.model_parameters
+    deepest = process_tensors_in_object(pkg, mode="replace", max_depth=4)
+    assert isinstance(deepest.inner.model_parameters, SHMHandle)
+    assert pkg.inner.model_parameters.dtype == torch.float32  # the original is untouched
+
+
+def test_max_depth_counts_container_items_one_level_down() -> None:
+    t = torch.zeros(1)
+    nested = {"a": [t, {"b": t}]}
+    out = process_tensors_in_object(nested, mode="replace", max_depth=2)
+    assert isinstance(out["a"][0], SHMHandle)  # depth 2
+    assert out["a"][1] is nested["a"][1]  # a dict at depth 2 is not entered
+    # An object whose __dict__ lies at max_depth is copied but not entered.
+    shallow = process_tensors_in_object(_holder(), mode="replace", max_depth=1)
+    assert isinstance(shallow, Holder) and isinstance(shallow.top, torch.Tensor)
+
+
+def test_move_mode_respects_max_depth() -> None:
+    pkg = _holder()
+    process_tensors_in_object(pkg, mode="move", max_depth=2)
+    assert pkg.top.is_shared()
+    assert not pkg.items[0].is_shared()
+    assert not pkg.inner.model_parameters.is_shared()
+    process_tensors_in_object(pkg, mode="move", max_depth=4)
+    assert pkg.items[0].is_shared() and pkg.inner.model_parameters.is_shared()

@@ -29,10 +29,6 @@ from emberfl.data import (
     synthetic,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-MNIST_DIR = SHARED / "data" / "mnist"
-
-
 # ---------------------------------------------------------------------------------------------
 # helpers
 
@@ -69,8 +65,8 @@ def md5_table(readme: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def mnist() -> Dataset:
-    return load_mnist(MNIST_DIR)
+def mnist(mnist_dir: Path) -> Dataset:
+    return load_mnist(mnist_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +129,7 @@ def test_normalisation_constants_and_normalize() -> None:
 # MNIST / Fashion-MNIST
 
 
-def test_mnist_from_shared_dir(mnist: Dataset) -> None:
+def test_mnist_from_shared_dir(mnist: Dataset, mnist_dir: Path) -> None:
     assert mnist.train_x.shape == (60000, 1, 28, 28)
     assert mnist.test_x.shape == (10000, 1, 28, 28)
     assert mnist.train_x.dtype == np.uint8 and mnist.train_y.dtype == np.int64
@@ -141,7 +137,7 @@ def test_mnist_from_shared_dir(mnist: Dataset) -> None:
     assert mnist.in_shape == (1, 28, 28)
     assert mnist.train_x.flags.writeable
     # Serialising the loaded arrays back to IDX reproduces the published md5 sums.
-    md5 = md5_table(MNIST_DIR / "README.md")
+    md5 = md5_table(mnist_dir / "README.md")
     assert len(md5) == 4
     pairs = {
         "train-images-idx3-ubyte.gz": mnist.train_x[:, 0],
@@ -156,8 +152,8 @@ def test_mnist_from_shared_dir(mnist: Dataset) -> None:
     assert mnist.std[0] == pytest.approx(x.std(), rel=1e-9)
 
 
-def test_fashion_mnist_loader_reads_mnist_format(mnist: Dataset) -> None:
-    ds = load_fashion_mnist(MNIST_DIR)
+def test_fashion_mnist_loader_reads_mnist_format(mnist: Dataset, mnist_dir: Path) -> None:
+    ds = load_fashion_mnist(mnist_dir)
     assert ds.name == "fashion-mnist"
     assert ds.num_train == 60000 and ds.num_test == 10000
     np.testing.assert_array_equal(ds.test_x, mnist.test_x)

@@ -19,8 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from emberfl import store
-from emberfl.datastore import (
-    MANIFEST_NAME,
+from emberfl.data import (
     ClientPartition,
     DatasetStore,
     MappedArrayDataset,
@@ -29,6 +28,7 @@ from emberfl.datastore import (
     StorePartitionedDataset,
     iter_batches,
 )
+from emberfl.data.store import MANIFEST_NAME
 
 MEAN = (0.49, 0.48, 0.45)
 STD = (0.25, 0.24, 0.26)
@@ -199,8 +199,8 @@ def test_subset_and_errors(root: Path) -> None:
     ds = DatasetStore.open(root)
     client = ds.dataset("train", 1)
     sub = client.subset([0, 16])
-    assert sub.indices is not None
-    assert sub.indices.tolist() == [30, 46]
+    assert sub.indices is not None and sub.indices.tolist() == [30, 46]
+    assert sub.source == client.source and str(sub.source) == f"{root.resolve()}:train"
     assert torch.equal(sub[1][0], client[16][0])
     with pytest.raises(IndexError, match="index 17 is out of range for a dataset of 17"):
         client[17]
@@ -311,7 +311,8 @@ def test_partitioned_dataset_api(root: Path) -> None:
     assert len(pd.get_dataset(Part.TEST, None)) == 20  # type: ignore[arg-type]
 
     loader = pd.get_dataloader(Part.TRAIN, 0, 8, torch.Generator().manual_seed(1))
-    assert isinstance(loader, DataLoader)
+    # Store datasets get the loader that fetches a batch with one indexing operation.
+    assert isinstance(loader, MappedDataLoader)
     assert [len(y) for _, y in loader] == [8, 8, 8, 6]
 
     # Deterministic given the generator; "train" shuffles, "test" does not.
@@ -367,6 +368,45 @@ def test_dataset_not_from_a_store_refuses_to_pickle() -> None:
         pickle.dumps(ds)
 
 
+class RangeSource:
+    """A tensor source of its own: rebuilds the same tensors wherever it is unpickled."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.arange(2.0 * self.n).view(self.n, 2), torch.arange(self.n) % 2
+
+    def normalization(self) -> Normalization | None:
+        return Normalization((1.0,), (2.0,))
+
+    def __str__(self) -> str:
+        return f"range({self.n})"
+
+
+def test_any_tensor_source_makes_a_dataset_picklable() -> None:
+    source = RangeSource(5)
+    features, labels = source.tensors()
+    ds = MappedArrayDataset(
+        features, labels, [4, 1], normalization=source.normalization(), source=source
+    )
+    payload = pickle.dumps(ds)
+    assert b"RangeSource" in payload and len(payload) < 1024
+    copy = pickle.loads(payload)
+    assert repr(copy) == "MappedArrayDataset(range(5), samples=2)"
+    assert torch.equal(copy[0][0], torch.tensor([3.5, 4.0])) and int(copy[1][1]) == 1
+    # Without normalisation at pickling time, none is applied after unpickling.
+    raw = pickle.loads(pickle.dumps(MappedArrayDataset(features, labels, source=source)))
+    assert raw.normalization is None and torch.equal(raw[4][0], torch.tensor([8.0, 9.0]))
+
+
+def _child_reads_dataset(payload: bytes) -> tuple[list[int], float, str]:
+    """Runs in a spawned process: unpickle a dataset the parent took from a store."""
+    dataset = pickle.loads(payload)
+    x, y = dataset.get_batch(list(range(len(dataset))))
+    return y.tolist(), float(x.double().sum()), repr(dataset)
+
+
 def _child_reads(payload: bytes) -> dict[str, Any]:
     """Runs in a spawned process: unpickle, load one epoch, report what it saw."""
     pd = pickle.loads(payload)
@@ -389,8 +429,18 @@ def test_partitioned_dataset_works_in_a_spawned_process(root: Path) -> None:
     loader = pd.get_dataloader("train", 1, 5, torch.Generator().manual_seed(9))
     expected = [(x.double().sum().item(), y.tolist()) for x, y in loader]
     ctx = multiprocessing.get_context("spawn")
+    subset = pd.get_dataset("train", 1)
+    assert isinstance(subset, MappedArrayDataset)
+    subset = subset.subset([16, 0, 3])
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         seen = pool.submit(_child_reads, payload).result(timeout=300)
+        # Workers unpickle store datasets (and their subsets) by mapping the store again.
+        labels, total, shown = pool.submit(_child_reads_dataset, pickle.dumps(subset)).result(
+            timeout=300
+        )
+    x, y = subset.get_batch([0, 1, 2])
+    assert labels == y.tolist() and total == float(x.double().sum())
+    assert shown == repr(subset)
     assert seen["pid"] != os.getpid()
     assert seen["batches"] == expected
     assert seen["same_store"] is True

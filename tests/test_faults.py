@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +34,11 @@ from emberfl.core import ClientError, ClientTimeoutError, WorkerCrashedError
 from emberfl.metrics import read_metrics
 from emberfl.simulation import Simulation, SimulationConfig, load_checkpoint
 
-pytestmark = pytest.mark.faults
+# Bitwise comparisons need one torch thread (see conftest.one_thread).
+pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_thread")]
 
 HELPER = Path(fh.__file__).resolve()
 PYTHON = sys.executable
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Child:
@@ -121,12 +112,6 @@ def helper(*args: str, env: dict[str, str] | None = None) -> Child:
     return Child([PYTHON, str(HELPER), *args], env)
 
 
-def model_tensors(path: Path) -> dict[str, bytes]:
-    return {
-        k: v.contiguous().view(torch.uint8).numpy().tobytes() for k, v in store.load(path).items()
-    }
-
-
 def assert_clean(run_dir: Path) -> None:
     assert fh.temp_leftovers(run_dir) == []
 
@@ -134,7 +119,9 @@ def assert_clean(run_dir: Path) -> None:
 # ------------------------------------------------------------------- kill -9
 
 
-def test_kill9_at_random_points_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
+def test_kill9_at_random_points_then_resume_is_bitwise_identical(
+    tmp_path: Path, model_bytes: Callable[[Path], dict[str, bytes]]
+) -> None:
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     note = f"(random seed {seed})"
@@ -173,12 +160,50 @@ def test_kill9_at_random_points_then_resume_is_bitwise_identical(tmp_path: Path)
     assert code == 0, f"{note}: {err}"
     assert child.seen[-1] == "START 6", note
 
-    assert model_tensors(run / "model.safetensors") == model_tensors(
-        reference / "model.safetensors"
-    ), f"resumed model differs from the uninterrupted one {note}"
+    assert model_bytes(run) == model_bytes(reference), (
+        f"resumed model differs from the uninterrupted one {note}"
+    )
     assert (run / "model.safetensors").read_bytes() == (
         reference / "model.safetensors"
     ).read_bytes()
+    assert read_metrics(run)["round"].tolist() == [float(r) for r in range(1, fh.ROUNDS + 1)]
+    assert load_checkpoint(run).round == fh.ROUNDS
+    assert_clean(run)
+
+
+# ------------------------------------------------------------------- one writer
+
+
+def test_second_writer_is_refused_until_the_holder_dies(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    # The holder stops inside its first checkpoint write: lock held, scratch files in use.
+    holder = helper(
+        "run", str(run), env={"EMBERFL_TEST_PAUSE": "written:2", "EMBERFL_TEST_WORKERS": "1"}
+    )
+    holder.wait_for(lambda line: line == "CKPT written 2")
+    in_use = sorted(p for p in run.iterdir() if p.name.startswith("."))
+    assert [p for p in in_use if p.name.startswith(".work-")]
+    for argv in (["resume", str(run)], ["run", "--out", str(run), "--rounds", "2"]):
+        done = subprocess.run(
+            [PYTHON, "-m", "emberfl", *argv, "--no-progress"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert f"{run} is in use by process {holder.proc.pid}" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    # The refused commands touched nothing of the holder's.
+    assert sorted(p for p in run.iterdir() if p.name.startswith(".")) == in_use
+    assert holder.proc.poll() is None
+    # The OS releases the lock of a killed holder: the next resume runs to the end.
+    holder.kill_group()
+    child = helper("resume", str(run))
+    child.wait_for(lambda line: line.startswith("START"))
+    code, err = child.finish()
+    assert code == 0, err
+    assert child.seen[-1] == "START None"
     assert read_metrics(run)["round"].tolist() == [float(r) for r in range(1, fh.ROUNDS + 1)]
     assert load_checkpoint(run).round == fh.ROUNDS
     assert_clean(run)
@@ -357,12 +382,12 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path: Path) -> None:
 def test_damaged_uplink_file_is_a_store_error(
     tmp_path: Path, damage: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from emberfl.core import client_trainer
+    from emberfl.core import process_pool
 
     simulation = small_simulation(tmp_path)
     simulation.run_round()
     pids = list(simulation.trainer.worker_pids)
-    original = client_trainer.load_package
+    original = process_pool.load_package
     damaged: list[str] = []
 
     def load_damaged(path: Any) -> Any:
@@ -377,7 +402,7 @@ def test_damaged_uplink_file_is_a_store_error(
             damaged.append(p.name)
         return original(path)
 
-    monkeypatch.setattr(client_trainer, "load_package", load_damaged)
+    monkeypatch.setattr(process_pool, "load_package", load_damaged)
     with pytest.raises(store.StoreError) as info:
         simulation.run_round()
     assert damaged and damaged[0] in str(info.value)

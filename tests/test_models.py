@@ -113,4 +113,11 @@ def test_bad_shapes_and_classes() -> None:
         create_model("mlp", (0, 8), 10)
     with pytest.raises(ValueError, match="num_classes"):
         create_model("mlp", (64,), 1)
-    assert create_model("CIFAR-CNN", (3, 32, 32), 10) is not None
+    # Names are matched without case, surrounding space or the dash/underscore difference.
+    spelled = create_model(" CIFAR-CNN ", (3, 32, 32), 10, seed=3)
+    canonical = create_model("cifar_cnn", (3, 32, 32), 10, seed=3)
+    assert type(spelled) is type(canonical)
+    for (ka, va), (kb, vb) in zip(
+        spelled.state_dict().items(), canonical.state_dict().items(), strict=True
+    ):
+        assert ka == kb and torch.equal(va, vb)

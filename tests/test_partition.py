@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,14 +13,28 @@ from hypothesis import strategies as st
 
 from emberfl.data import Partition, dirichlet, iid, quantity_skew, read_idx, shards
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-MNIST_DIR = SHARED / "data" / "mnist"
+# MNIST's training-set class sizes: generated labels with these proportions stand in for
+# the real file where EMBERFL_MNIST_DIR is not set.
+MNIST_CLASS_SIZES = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
 
 
-@pytest.fixture(scope="module")
-def mnist_labels() -> np.ndarray:
+def write_label_idx(path: Path, labels: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, 1]) + np.asarray([len(labels)], dtype=">u4").tobytes()
+    path.write_bytes(gzip.compress(header + labels.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture(scope="module", params=["generated", "mnist"])
+def mnist_labels(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> np.ndarray:
     # Only the label file: the partitioners never look at pixels.
-    labels = read_idx(MNIST_DIR / "train-labels-idx1-ubyte.gz", ndim=1).astype(np.int64)
+    if request.param == "mnist":
+        path = request.getfixturevalue("mnist_dir") / "train-labels-idx1-ubyte.gz"
+    else:
+        rng = np.random.default_rng(2017)
+        path = tmp_path_factory.mktemp("idx") / "train-labels-idx1-ubyte.gz"
+        write_label_idx(path, rng.permutation(np.repeat(np.arange(10), MNIST_CLASS_SIZES)))
+    labels = read_idx(path, ndim=1).astype(np.int64)
     assert labels.shape == (60000,)
     return labels
 

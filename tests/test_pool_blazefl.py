@@ -4,25 +4,31 @@ The classes below follow BlazeFL's FedAvg example: own ``__init__`` that never c
 the base class's, a ``multiprocessing.Manager().Event()`` as ``stop_event`` kept with
 its manager on ``self.manager``, a ``@staticmethod`` worker, and the shared-memory
 uplink protocol (``prepare_uplink_package_buffer`` / ``SHMHandle`` /
-``convert_buffer_to_uplink``). A second trainer returns its package directly.
+``convert_buffer_to_uplink``). A second trainer returns its package directly. A third
+is written as for BlazeFL 2.x: three type parameters, ``ipc_mode`` and a
+``share_dir`` it leaves to the runtime to create.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from emberfl.core import (
     BaseServerHandler,
     FilteredDataset,
+    IPCMode,
     ModelSelector,
     PartitionedDataset,
     ProcessPoolClientTrainer,
@@ -30,6 +36,7 @@ from emberfl.core import (
     deserialize_model,
     serialize_model,
 )
+from emberfl.core import ipc as core_ipc
 from emberfl.reproducibility import create_rng_suite, setup_reproducibility
 
 
@@ -347,3 +354,101 @@ def test_blazefl_style_trainers_run_unchanged_and_agree() -> None:
         psutil.Process(manager_pid).status() == psutil.STATUS_ZOMBIE
     )
     assert shm_trainer.worker_pids == []
+
+
+class BlazeFL2Trainer(
+    ProcessPoolClientTrainer[
+        FedAvgProcessPoolUplinkPackage, FedAvgDownlinkPackage, FedAvgClientConfig
+    ]
+):
+    """BlazeFL 2.x's shape: the buffer is an uplink package, no convert step."""
+
+    def __init__(
+        self,
+        dataset: ToyPartitionedDataset,
+        share_dir: Path,
+        ipc_mode: IPCMode | str | None,
+    ) -> None:
+        self.num_parallels = 0
+        self.share_dir = share_dir
+        self.device = "cpu"
+        self.device_count = 0
+        self.cache: list[FedAvgProcessPoolUplinkPackage] = []
+        if ipc_mode is not None:
+            self.ipc_mode = ipc_mode  # type: ignore[assignment]
+        self.stop_event = threading.Event()
+        self.progress = False
+        self.dataset = dataset
+        self.model_parameters_buffer = serialize_model(Selector().select_model(ModelName.MLP))
+
+    def get_client_config(self, cid: int) -> FedAvgClientConfig:
+        return FedAvgClientConfig(Selector(), ModelName.MLP, self.dataset, 2, 4, 0.1, cid, 3 + cid)
+
+    def prepare_uplink_package_buffer(self) -> FedAvgProcessPoolUplinkPackage:
+        return FedAvgProcessPoolUplinkPackage(-1, self.model_parameters_buffer.clone(), 0)
+
+    @staticmethod
+    def worker(
+        config: FedAvgClientConfig,
+        payload: FedAvgDownlinkPackage,
+        device: str,
+        stop_event: threading.Event,
+        *,
+        shm_buffer: FedAvgProcessPoolUplinkPackage | None = None,
+    ) -> FedAvgProcessPoolUplinkPackage:
+        assert shm_buffer is not None and isinstance(shm_buffer.model_parameters, torch.Tensor)
+        state = create_rng_suite(config.seed)
+        model = config.model_selector.select_model(config.model_name)
+        loader = config.dataset.get_dataloader(
+            PartitionType.TRAIN, config.cid, config.batch_size, state.torch_cpu
+        )
+        params, n = _fedavg_train(
+            model, payload.model_parameters, loader, device, config.epochs, config.lr, stop_event
+        )
+        shm_buffer.model_parameters.copy_(params)
+        return FedAvgProcessPoolUplinkPackage(config.cid, SHMHandle(), n)
+
+
+def _ipc_records(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "ipc_mode=" in r.getMessage()]
+
+
+def test_a_blazefl_2_trainer_with_ipc_mode_runs_and_makes_its_share_dir(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core_ipc, "_told", False)
+    caplog.set_level(logging.INFO, logger="emberfl.core")
+    dataset = ToyPartitionedDataset(num_clients=6)
+    models = []
+    for mode in (IPCMode.SHARED_MEMORY, IPCMode.STORAGE):
+        share_dir = tmp_path / mode.value / "share"
+        with BlazeFL2Trainer(dataset, share_dir, mode) as trainer:
+            handler = FedAvgServerHandler(global_round=2, num_clients=6, seed=11)
+            assert len(run_pipeline(trainer, handler)) == 2
+            share = trainer.share_path
+            assert share is not None and share.parent == share_dir
+        assert not (tmp_path / mode.value).exists()  # made for the trainer, removed with it
+        models.append(serialize_model(handler.model))
+    # Either mode moves tensors the same way, so the runs agree bit for bit.
+    assert torch.equal(models[0], models[1])
+    told = _ipc_records(caplog)
+    assert len(told) == 1 and "ipc_mode=SHARED_MEMORY" in told[0]
+
+
+def test_ipc_mode_is_checked_when_a_round_starts_and_silent_when_unset(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core_ipc, "_told", False)
+    caplog.set_level(logging.INFO, logger="emberfl.core")
+    payload = FedAvgDownlinkPackage(serialize_model(Selector().select_model(ModelName.MLP)))
+    dataset = ToyPartitionedDataset(num_clients=2)
+    with BlazeFL2Trainer(dataset, tmp_path / "bad", "pipes") as trainer:
+        message = r"BlazeFL2Trainer\.ipc_mode must be one of STORAGE, SHARED_MEMORY, got 'pipes'"
+        with pytest.raises(ValueError, match=message):
+            trainer.local_process(payload, [0])
+        assert trainer.rounds_run == 0 and trainer.cache == []
+    with BlazeFL2Trainer(dataset, tmp_path / "unset", None) as trainer:
+        assert trainer.ipc_mode is IPCMode.STORAGE  # the protocol's default, as in BlazeFL
+        trainer.local_process(payload, [1])
+        assert [p.cid for p in trainer.uplink_package()] == [1]
+    assert _ipc_records(caplog) == []  # nothing to say about a setting nobody made

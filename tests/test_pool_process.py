@@ -223,6 +223,10 @@ def test_a_killed_worker_is_reported_quickly(trainer: ScriptedTrainer) -> None:
     assert "client 6" in str(info.value) and "SIGKILL" in str(info.value)
     assert info.value.exitcode == -signal.SIGKILL
     assert not psutil.pid_exists(pid)  # reaped, not a zombie
+    # Client 0's uplink may have been handed over before the crash: the error (whose
+    # traceback holds the round's frames) must not keep it mapped.
+    share = trainer.share_path
+    assert share is not None and _mapped_uplinks(share) == 0
     (scratch / "pid-6").unlink()
     # The next round replaces the dead worker.
     _reset(trainer)
@@ -282,8 +286,13 @@ def test_empty_round_and_bad_input(trainer: ScriptedTrainer) -> None:
     _reset(trainer)
     trainer.local_process(_payload(0.0), [])
     assert trainer.uplink_package() == []
-    with pytest.raises(TypeError, match="client ids must be ints"):
+    rounds = trainer.rounds_run
+    with pytest.raises(TypeError, match="client id must be an int"):
         trainer.local_process(_payload(0.0), ["a"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"client id must be an int in \[0, 2\*\*32\)"):
+        trainer.local_process(_payload(0.0), [1, 2**32])
+    assert trainer.rounds_run == rounds  # refused before a round started
+    assert trainer.cache == []
 
 
 def _mapped_uplinks(share: Path) -> int:
@@ -376,10 +385,44 @@ def test_close_stops_workers_and_removes_the_share_dir(tmp_path: Path) -> None:
     assert share is not None and share.parent == tmp_path and len(pids) == 1
     trainer.close()
     assert not share.exists()
+    assert tmp_path.is_dir()  # share_dir existed before: it stays
     _gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], 5)
     assert alive == []
     trainer.close()  # idempotent
     assert trainer.worker_pids == []
+
+
+def test_a_missing_share_dir_is_created_and_removed_on_close(tmp_path: Path) -> None:
+    share_dir = tmp_path / "runs" / "a" / "share"
+    with InlineTrainer(0, tmp_path) as trainer:
+        trainer.share_dir = share_dir  # type: ignore[attr-defined]
+        trainer.local_process(_payload(1.0), [1])
+        assert [p["cid"] for p in trainer.uplink_package()] == [1]
+        share = trainer.share_path
+        assert share is not None and share.parent == share_dir
+    assert not share.exists()
+    # Removed up to, not including, the first directory that existed before.
+    assert not (tmp_path / "runs").exists()
+    assert tmp_path.is_dir()
+
+
+def test_directories_made_for_share_dir_stay_while_others_use_them(tmp_path: Path) -> None:
+    share_dir = tmp_path / "runs" / "share"
+    with InlineTrainer(0, tmp_path) as trainer:
+        trainer.share_dir = share_dir  # type: ignore[attr-defined]
+        trainer.local_process(_payload(1.0), [1])
+        (tmp_path / "runs" / "notes.txt").write_text("not the trainer's")
+    assert not share_dir.exists()  # made for the trainer and empty again
+    assert (tmp_path / "runs" / "notes.txt").read_text() == "not the trainer's"
+
+
+def test_a_share_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with InlineTrainer(0, tmp_path) as trainer:
+        trainer.share_dir = tmp_path / "file"  # type: ignore[attr-defined]
+        with pytest.raises(NotADirectoryError, match=r"share_dir .* is not a directory"):
+            trainer.local_process(_payload(1.0), [1])
+        assert trainer.rounds_run == 0 and trainer.share_path is None
 
 
 _EXIT_SCRIPT = """

@@ -162,8 +162,23 @@ def test_invalid_attributes_are_reported() -> None:
         trainer.local_process({"w": torch.zeros(1)}, [1])
     trainer.num_parallels = 1
     trainer.seed = -1  # type: ignore[attr-defined]
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match=r"^Trainer\.seed must be an int in \[0, 2\*\*32\)"):
         trainer.local_process({"w": torch.zeros(1)}, [1])
+    trainer.seed = "7"  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match=r"^Trainer\.seed must be an int"):
+        trainer.local_process({"w": torch.zeros(1)}, [1])
+    trainer.seed = 0  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"^client id must be an int in \[0, 2\*\*32\), got -1"):
+        trainer.local_process({"w": torch.zeros(1)}, [0, -1])
+    assert trainer.rounds_run == 0  # refused before the round started
+    with pytest.raises(ValueError, match=r"^rounds_run must be an int in \[0, 2\*\*32\)"):
+        trainer.rounds_run = 2**32
+    with pytest.raises(TypeError, match=r"^rounds_run must be an int"):
+        trainer.rounds_run = 1.0  # type: ignore[assignment]
+    trainer.rounds_run = 5
+    trainer.local_process({"w": torch.zeros(1)}, [1])
+    assert trainer.uplink_package()[0]["ctx"] == (1, 5, "cpu")
+    assert trainer.rounds_run == 6
     trainer.close()
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import datetime
 import json
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from emberfl import simulation, store
+from emberfl import config as config_module
+from emberfl import store
 from emberfl.metrics import read_metrics
 from emberfl.models import create_model
 from emberfl.simulation import (
@@ -25,7 +25,8 @@ from emberfl.simulation import (
     run_simulation,
 )
 
-MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+# Bitwise comparisons need one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY: dict[str, Any] = {
     "clients": 6,
@@ -38,16 +39,6 @@ TINY: dict[str, Any] = {
     "threads": 1,
     "progress": False,
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_defaults_are_the_quick_start() -> None:
@@ -141,7 +132,7 @@ def test_default_run_dir_is_unique(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         def now(cls, tz: datetime.tzinfo | None = None) -> datetime.datetime:
             return fixed
 
-    monkeypatch.setattr(simulation, "datetime", types.SimpleNamespace(datetime=_Clock))
+    monkeypatch.setattr(config_module, "datetime", types.SimpleNamespace(datetime=_Clock))
     config = SimulationConfig(algorithm="scaffold")
     first = default_run_dir(config, tmp_path)
     assert first.parent == tmp_path and first.name.endswith("-scaffold-digits")
@@ -231,12 +222,12 @@ def test_bad_partition_settings_are_config_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "r").exists()
 
 
-def test_mnist_with_the_2nn(tmp_path: Path) -> None:
+def test_mnist_with_the_2nn(tmp_path: Path, mnist_dir: Path) -> None:
     result = run_simulation(
         TINY,
         out=str(tmp_path / "r"),
         dataset="mnist",
-        data_dir=str(MNIST),
+        data_dir=str(mnist_dir),
         clients=100,
         sample_ratio=0.02,
         rounds=1,
@@ -245,3 +236,30 @@ def test_mnist_with_the_2nn(tmp_path: Path) -> None:
     )
     assert result.metrics[0].accuracy > 0.15
     assert json.loads((tmp_path / "r" / "config.json").read_text())["model"] == "2nn"
+
+
+def test_the_registry_names_every_algorithm(tmp_path: Path) -> None:
+    from emberfl.contrib import registry
+    from emberfl.models import ZooModelSelector
+
+    assert ALGORITHMS == tuple(registry.ALGORITHM_SPECS) == registry.ALGORITHMS
+    assert [n for n in ALGORITHMS if registry.algorithm_spec(n).client_state_on_disk] == [
+        "scaffold"
+    ]
+    for name in ALGORITHMS:
+        trainers = registry.algorithm_spec(name).trainers
+        kinds = ("ProcessPool", "ThreadPool", "Base")
+        for runtime, kind in zip(registry.RUNTIMES, kinds, strict=True):
+            assert f"{kind}ClientTrainer" in trainers.for_runtime(runtime).__name__
+    with pytest.raises(ValueError, match="unknown algorithm 'fedsgd'; choose one of: fedavg"):
+        registry.algorithm_spec("fedsgd")
+    with pytest.raises(ValueError, match="unknown runtime 'gpu'"):
+        registry.algorithm_spec("fedavg").trainers.for_runtime("gpu")
+    config = SimulationConfig(algorithm="fedprox", mu=0.25, runtime="serial")
+    spec = registry.algorithm_spec("fedprox")
+    assert spec.client_options(config) == {"mu": 0.25}
+    selector = ZooModelSelector((1, 8, 8), 10)
+    trainer = registry.make_client_trainer(
+        "fedprox", "serial", selector, None, config, state_dir=tmp_path / "state"
+    )
+    assert type(trainer).__name__ == "FedProxBaseClientTrainer" and trainer.mu == 0.25

@@ -212,6 +212,24 @@ def test_writes_leave_no_temp_files_and_durable_works(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
 
 
+def test_core_takes_tensor_bytes_as_uint8_only(tmp_path: Path) -> None:
+    from emberfl import _core
+
+    path = tmp_path / "raw.safetensors"
+    for buffer in (np.zeros(4, dtype=np.int8), np.zeros(1, dtype=np.float32)):
+        with pytest.raises(
+            TypeError, match=rf'tensor "w": expected a uint8 array, got {buffer.dtype}'
+        ):
+            _core.save_file(path, ["w"], ["F32"], [[1]], [buffer])
+    with pytest.raises(ValueError, match='tensor "w": expected a 1-D array'):
+        _core.save_file(path, ["w"], ["F32"], [[1]], [np.zeros((2, 2), dtype=np.uint8)])
+    assert not path.exists()
+    _core.save_file(path, ["w"], ["F32"], [[1]], [np.ones(1, np.float32).view(np.uint8)])
+    raw = _core.MappedFile(path)
+    assert raw.path == path and isinstance(raw.path, Path)
+    assert raw.arrays()[0].tolist() == [1.0]
+
+
 def test_a_failed_overwrite_keeps_the_old_file(tmp_path: Path) -> None:
     """A write that dies half-way (here: file size limit) leaves the previous file intact."""
     path = tmp_path / "model.safetensors"

@@ -21,8 +21,7 @@ from torch import nn
 from emberfl import store
 from emberfl.contrib import FedAvgBaseServerHandler, FedAvgProcessPoolClientTrainer
 from emberfl.core import ModelSelector
-from emberfl.data import iid, load_digits
-from emberfl.datastore import DatasetStore, StorePartitionedDataset
+from emberfl.data import DatasetStore, StorePartitionedDataset, iid, load_digits
 from emberfl.metrics import MetricsWriter, RoundMetrics
 from emberfl.models import create_model
 

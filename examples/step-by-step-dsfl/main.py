@@ -34,8 +34,7 @@ from emberfl.core import (
     ProcessPoolClientTrainer,
     current_client,
 )
-from emberfl.data import dirichlet, load_digits
-from emberfl.datastore import DatasetStore, StorePartitionedDataset
+from emberfl.data import DatasetStore, StorePartitionedDataset, dirichlet, load_digits
 from emberfl.metrics import MetricsWriter, RoundMetrics
 from emberfl.models import create_model
 from emberfl.reproducibility import create_rng_suite

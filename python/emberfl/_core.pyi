@@ -1,6 +1,7 @@
 """Type stubs for the compiled Rust core (``emberfl._core``)."""
 
 import os
+from pathlib import Path
 from typing import final
 
 import numpy as np
@@ -31,7 +32,7 @@ class MappedFile:
 
     def __new__(cls, path: str | os.PathLike[str]) -> MappedFile: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> Path: ...
     @property
     def metadata(self) -> dict[str, str]: ...
     def entries(self) -> list[tuple[str, str, list[int], int, int]]: ...
@@ -47,6 +48,9 @@ def save_file(
     metadata: list[tuple[str, str]] | None = None,
     durable: bool = False,
 ) -> None: ...
+
+# The kernels' `kind` is "f32", "f16" or "bf16"; each input must be a 1-D contiguous
+# array of exactly float32, float16 or (bfloat16 bits) uint16, else TypeError.
 def weighted_sum(
     inputs: list[npt.NDArray[np.generic]],
     kind: str,

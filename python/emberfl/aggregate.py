@@ -8,6 +8,9 @@ into Python -- and the GIL is released while the kernel runs.
 Accumulation is in float32, cache-blocked over groups of clients, and every output
 element is summed in the same fixed client order whatever the thread count: the
 result is bitwise identical for ``threads=1`` and ``threads=8``.
+
+:class:`emberfl.streaming.StreamingSum` builds the same sums one update at a time,
+with :func:`accumulate`, bitwise equal to :func:`weighted_sum` of the whole list.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ def _as_numpy(x: Vector, what: str) -> tuple[np.ndarray, str]:
             raise ValueError(f"{what}: expected a 1-D vector, got shape {tuple(x.shape)}")
         t = x.detach()
         if kind == "bf16":
-            t = t.view(torch.int16)
+            # The core takes bfloat16 as uint16 bits; torch < 2.3 cannot view as uint16.
+            return t.view(torch.int16).numpy().view(np.uint16), kind
         return t.numpy(), kind
     if isinstance(x, np.ndarray):
         kind = _NUMPY_KIND.get(x.dtype)

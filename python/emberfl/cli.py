@@ -2,11 +2,11 @@
 
 ``emberfl run`` with no arguments is the quick start (FedAvg on the embedded digits
 data). Settings come from the defaults, then ``--config FILE`` (JSON or TOML), then
-the flags given, each overriding the one before. Bad settings and missing data end
-the command with a one-line message and exit status 2. Ctrl-C (SIGINT) stops a run with
-exit status 130 and SIGTERM with 143, after stopping the workers and removing the
-temporary files; the last checkpoint stays valid, and ``emberfl resume DIR`` continues
-from it.
+the flags given, each overriding the one before. Bad settings, missing data and a run
+directory that another ``emberfl`` process is writing end the command with a one-line
+message and exit status 2. Ctrl-C (SIGINT) stops a run with exit status 130 and SIGTERM
+with 143, after stopping the workers and removing the temporary files; the last
+checkpoint stays valid, and ``emberfl resume DIR`` continues from it.
 """
 
 from __future__ import annotations
@@ -59,15 +59,15 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def _defaults() -> Any:
-    from emberfl.simulation import SimulationConfig
+    from emberfl.config import SimulationConfig
 
     return SimulationConfig()
 
 
 def _run_parser(sub: Any) -> argparse.ArgumentParser:
+    from emberfl.config import ALGORITHMS, DEFAULT_MODELS, PARTITIONS, RUNTIMES
     from emberfl.data import DATASET_NAMES
     from emberfl.models import MODEL_NAMES
-    from emberfl.simulation import ALGORITHMS, DEFAULT_MODELS, PARTITIONS, RUNTIMES
 
     d = _defaults()
     models = ", ".join(f"{k}: {v}" for k, v in DEFAULT_MODELS.items())
@@ -360,7 +360,8 @@ class _Table:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from emberfl.simulation import ConfigError, Simulation, SimulationConfig, load_config_file
+    from emberfl.config import ConfigError, SimulationConfig, load_config_file
+    from emberfl.simulation import Simulation
 
     started = time.perf_counter()
     settings = {
@@ -379,7 +380,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from emberfl.simulation import CheckpointError, ConfigError, Simulation
+    from emberfl.checkpoint import CheckpointError
+    from emberfl.config import ConfigError
+    from emberfl.simulation import Simulation
 
     started = time.perf_counter()
     settings = {k: v for k, v in vars(args).items() if k in ("workers", "threads", "progress")}
@@ -394,15 +397,17 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _execute(simulation: Any, args: argparse.Namespace, started: float) -> int:
+    from emberfl.checkpoint import CheckpointError, RunDirLockedError
+    from emberfl.config import ConfigError
     from emberfl.data import DatasetError
-    from emberfl.simulation import CheckpointError, ConfigError
 
     config = simulation.config
     table = _Table(sys.stdout)
     with simulation:
         try:
             simulation.prepare()
-        except (ConfigError, DatasetError, CheckpointError) as exc:
+        except (ConfigError, DatasetError, CheckpointError, RunDirLockedError) as exc:
+            # RunDirLockedError: another `emberfl run/resume` is writing the directory.
             return _fail(str(exc))
         start = (
             f"resuming from round {simulation.resumed_from}"

@@ -13,7 +13,6 @@ import io
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import nn
+
+from emberfl.fileio import atomic_open
 
 __all__ = [
     "METRICS_FILE",
@@ -171,19 +172,10 @@ class MetricsWriter:
 
     def _start_file(self) -> None:
         assert self._columns is not None
-        # Write the header into a temporary file and rename it into place, so a reader
-        # never sees a half-written header; rows are then appended to the renamed file.
-        fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", suffix=".tmp", dir=self.run_dir)
-        try:
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-                csv.writer(fh, lineterminator="\n").writerow(self._columns)
-                fh.flush()
-                if self.durable:
-                    os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # The header goes into a temporary file renamed into place, so a reader never
+        # sees a half-written header; rows are then appended to the renamed file.
+        with atomic_open(self.path, "w", durable=self.durable, newline="") as fh:
+            csv.writer(fh, lineterminator="\n").writerow(self._columns)
         self._fh = self.path.open("a", newline="", encoding="utf-8")
 
     def close(self) -> None:

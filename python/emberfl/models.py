@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ __all__ = [
     "Cnn",
     "Mlp",
     "ResNet18",
+    "ZooModelSelector",
     "count_parameters",
     "create_model",
 ]
@@ -254,3 +256,20 @@ def create_model(
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable scalars in ``model``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass(frozen=True)
+class ZooModelSelector:
+    """A :class:`~emberfl.core.ModelSelector` over :func:`create_model`.
+
+    Every model it builds for a name starts from the same weights (drawn from
+    ``seed``). Frozen and small: it pickles into every task, and worker processes
+    reuse the model they built for an equal selector.
+    """
+
+    in_shape: tuple[int, ...]
+    num_classes: int
+    seed: int = 0
+
+    def select_model(self, model_name: str) -> nn.Module:
+        return create_model(model_name, self.in_shape, self.num_classes, seed=self.seed)

@@ -3,19 +3,21 @@
 matplotlib is optional (``pip install emberfl[plot]``) and imported only when a picture
 is drawn. Figures are built with the object-oriented API on the Agg canvas, so drawing
 never switches the pyplot backend of the caller's process (a notebook keeps its own).
-Every PNG is written to a temporary file next to the target and renamed over it.
+Every PNG is written to a temporary file next to the target and renamed over it
+(:func:`emberfl.fileio.atomic_open`), with the mode the umask gives a new file.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from emberfl.fileio import atomic_open
 
 __all__ = ["plot_class_heatmap", "plot_runs"]
 
@@ -39,14 +41,8 @@ def _save_png(fig: Any, out_png: str | os.PathLike[str]) -> Path:
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
     return out
 
 

@@ -70,19 +70,38 @@ impl Input<'_> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum KernelError {
     Empty,
-    LengthMismatch { index: usize, len: usize, expected: usize },
-    WeightCount { weights: usize, inputs: usize },
-    BadWeight { index: usize, value: f64 },
+    LengthMismatch {
+        index: usize,
+        len: usize,
+        expected: usize,
+    },
+    WeightCount {
+        weights: usize,
+        inputs: usize,
+    },
+    BadWeight {
+        index: usize,
+        value: f64,
+    },
     ZeroWeights,
-    OutputSize { len: usize, expected: usize },
-    NonFinite { inputs: Vec<usize> },
+    OutputSize {
+        len: usize,
+        expected: usize,
+    },
+    NonFinite {
+        inputs: Vec<usize>,
+    },
 }
 
 impl std::fmt::Display for KernelError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KernelError::Empty => write!(f, "no inputs to aggregate"),
-            KernelError::LengthMismatch { index, len, expected } => write!(
+            KernelError::LengthMismatch {
+                index,
+                len,
+                expected,
+            } => write!(
                 f,
                 "inputs[{index}] has {len} elements but inputs[0] has {expected}"
             ),
@@ -94,10 +113,9 @@ impl std::fmt::Display for KernelError {
                 "weights[{index}] = {value}: weights must be finite and non-negative"
             ),
             KernelError::ZeroWeights => write!(f, "all weights are zero: the mean is undefined"),
-            KernelError::OutputSize { len, expected } => write!(
-                f,
-                "out has {len} elements but the inputs have {expected}"
-            ),
+            KernelError::OutputSize { len, expected } => {
+                write!(f, "out has {len} elements but the inputs have {expected}")
+            }
             KernelError::NonFinite { inputs } if inputs.is_empty() => write!(
                 f,
                 "the result holds NaN or Inf although every input is finite (float32 overflow)"
@@ -116,7 +134,11 @@ fn check_inputs(inputs: &[Input<'_>]) -> Result<usize, KernelError> {
     let expected = first.len();
     for (index, x) in inputs.iter().enumerate() {
         if x.len() != expected {
-            return Err(KernelError::LengthMismatch { index, len: x.len(), expected });
+            return Err(KernelError::LengthMismatch {
+                index,
+                len: x.len(),
+                expected,
+            });
         }
     }
     Ok(expected)
@@ -126,7 +148,10 @@ fn check_inputs(inputs: &[Input<'_>]) -> Result<usize, KernelError> {
 /// mean they are normalised in f64 first, so `sum_i w_i` need not fit f32 precisely.
 pub fn factors(weights: &[f64], n_inputs: usize, normalize: bool) -> Result<Vec<f32>, KernelError> {
     if weights.len() != n_inputs {
-        return Err(KernelError::WeightCount { weights: weights.len(), inputs: n_inputs });
+        return Err(KernelError::WeightCount {
+            weights: weights.len(),
+            inputs: n_inputs,
+        });
     }
     for (index, &w) in weights.iter().enumerate() {
         if !w.is_finite() || (normalize && w < 0.0) {
@@ -190,12 +215,24 @@ fn sum_range(inputs: &[Input<'_>], w: &[f32], out: &mut [f32], offset: usize, ze
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn sum_range_avx2(inputs: &[Input<'_>], w: &[f32], out: &mut [f32], offset: usize, zero_first: bool) {
+unsafe fn sum_range_avx2(
+    inputs: &[Input<'_>],
+    w: &[f32],
+    out: &mut [f32],
+    offset: usize,
+    zero_first: bool,
+) {
     sum_range_portable(inputs, w, out, offset, zero_first)
 }
 
 #[inline(always)]
-fn sum_range_portable(inputs: &[Input<'_>], w: &[f32], out: &mut [f32], offset: usize, zero_first: bool) {
+fn sum_range_portable(
+    inputs: &[Input<'_>],
+    w: &[f32],
+    out: &mut [f32],
+    offset: usize,
+    zero_first: bool,
+) {
     let mut scratch = vec![0f32; GROUP * BLOCK];
     let mut b = 0;
     while b < out.len() {
@@ -212,7 +249,11 @@ fn sum_range_portable(inputs: &[Input<'_>], w: &[f32], out: &mut [f32], offset: 
             for ((x, slot), view) in group.iter().zip(scratch.chunks(BLOCK)).zip(xs.iter_mut()) {
                 *view = x.f32_view(offset + b, offset + e, slot);
             }
-            add_any(acc, &xs[..group.len()], &w[g * GROUP..g * GROUP + group.len()]);
+            add_any(
+                acc,
+                &xs[..group.len()],
+                &w[g * GROUP..g * GROUP + group.len()],
+            );
         }
         b = e;
     }
@@ -243,7 +284,9 @@ where
 pub fn find_nonfinite(inputs: &[Input<'_>], threads: usize) -> Vec<usize> {
     let threads = threads.max(1);
     if threads == 1 || inputs.len() == 1 {
-        return (0..inputs.len()).filter(|&i| inputs[i].has_nonfinite()).collect();
+        return (0..inputs.len())
+            .filter(|&i| inputs[i].has_nonfinite())
+            .collect();
     }
     let mut flags = vec![false; inputs.len()];
     let per = inputs.len().div_ceil(threads);
@@ -256,7 +299,12 @@ pub fn find_nonfinite(inputs: &[Input<'_>], threads: usize) -> Vec<usize> {
             });
         }
     });
-    flags.iter().enumerate().filter(|(_, f)| **f).map(|(i, _)| i).collect()
+    flags
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| **f)
+        .map(|(i, _)| i)
+        .collect()
 }
 
 fn result_is_finite(out: &[f32]) -> bool {
@@ -274,27 +322,47 @@ pub fn weighted_sum(
 ) -> Result<(), KernelError> {
     let len = check_inputs(inputs)?;
     if out.len() != len {
-        return Err(KernelError::OutputSize { len: out.len(), expected: len });
+        return Err(KernelError::OutputSize {
+            len: out.len(),
+            expected: len,
+        });
     }
     let w = factors(weights, inputs.len(), normalize)?;
-    parallel_chunks(out, threads, |chunk, offset| sum_range(inputs, &w, chunk, offset, true));
+    parallel_chunks(out, threads, |chunk, offset| {
+        sum_range(inputs, &w, chunk, offset, true)
+    });
     if check_finite && !result_is_finite(out) {
-        return Err(KernelError::NonFinite { inputs: find_nonfinite(inputs, threads) });
+        return Err(KernelError::NonFinite {
+            inputs: find_nonfinite(inputs, threads),
+        });
     }
     Ok(())
 }
 
 /// `acc += weight * x`.
-pub fn accumulate(acc: &mut [f32], x: Input<'_>, weight: f64, threads: usize) -> Result<(), KernelError> {
+pub fn accumulate(
+    acc: &mut [f32],
+    x: Input<'_>,
+    weight: f64,
+    threads: usize,
+) -> Result<(), KernelError> {
     if acc.len() != x.len() {
-        return Err(KernelError::OutputSize { len: acc.len(), expected: x.len() });
+        return Err(KernelError::OutputSize {
+            len: acc.len(),
+            expected: x.len(),
+        });
     }
     if !weight.is_finite() {
-        return Err(KernelError::BadWeight { index: 0, value: weight });
+        return Err(KernelError::BadWeight {
+            index: 0,
+            value: weight,
+        });
     }
     let w = [weight as f32];
     let inputs = [x];
-    parallel_chunks(acc, threads, |chunk, offset| sum_range(&inputs, &w, chunk, offset, false));
+    parallel_chunks(acc, threads, |chunk, offset| {
+        sum_range(&inputs, &w, chunk, offset, false)
+    });
     Ok(())
 }
 
@@ -325,8 +393,14 @@ mod tests {
             weighted_sum(&inputs, &weights, true, &mut out, 1, true).unwrap();
             let total: f64 = weights.iter().sum();
             for j in (0..len).step_by(131) {
-                let r: f64 = (0..n_inputs).map(|i| weights[i] * xs[i][j] as f64).sum::<f64>() / total;
-                assert!((out[j] as f64 - r).abs() < 1e-5, "n={n_inputs} len={len} j={j}");
+                let r: f64 = (0..n_inputs)
+                    .map(|i| weights[i] * xs[i][j] as f64)
+                    .sum::<f64>()
+                    / total;
+                assert!(
+                    (out[j] as f64 - r).abs() < 1e-5,
+                    "n={n_inputs} len={len} j={j}"
+                );
             }
         }
     }
@@ -342,7 +416,12 @@ mod tests {
         for threads in [2, 3, 4, 7] {
             let mut many = vec![0f32; len];
             weighted_sum(&inputs, &weights, true, &mut many, threads, true).unwrap();
-            assert!(one.iter().zip(&many).all(|(a, b)| a.to_bits() == b.to_bits()), "threads={threads}");
+            assert!(
+                one.iter()
+                    .zip(&many)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "threads={threads}"
+            );
         }
     }
 
@@ -356,7 +435,10 @@ mod tests {
         sum_range_portable(&inputs, &w, &mut portable, 0, true);
         let mut dispatched = vec![0f32; len];
         sum_range(&inputs, &w, &mut dispatched, 0, true);
-        assert!(portable.iter().zip(&dispatched).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(portable
+            .iter()
+            .zip(&dispatched)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]
@@ -366,8 +448,24 @@ mod tests {
         let b: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
         let mut out_h = vec![0f32; x.len()];
         let mut out_b = vec![0f32; x.len()];
-        weighted_sum(&[Input::F16(&h), Input::F16(&h)], &[1.0, 1.0], false, &mut out_h, 2, true).unwrap();
-        weighted_sum(&[Input::BF16(&b), Input::BF16(&b)], &[1.0, 1.0], false, &mut out_b, 2, true).unwrap();
+        weighted_sum(
+            &[Input::F16(&h), Input::F16(&h)],
+            &[1.0, 1.0],
+            false,
+            &mut out_h,
+            2,
+            true,
+        )
+        .unwrap();
+        weighted_sum(
+            &[Input::BF16(&b), Input::BF16(&b)],
+            &[1.0, 1.0],
+            false,
+            &mut out_b,
+            2,
+            true,
+        )
+        .unwrap();
         for j in 0..x.len() {
             assert_eq!(out_h[j], 2.0 * h[j].to_f32());
             assert_eq!(out_b[j], 2.0 * b[j].to_f32());
@@ -386,7 +484,10 @@ mod tests {
         let mut out = vec![0f32; 10_000];
         weighted_sum(&inputs, &w, false, &mut out, 1, true).unwrap();
         // The same per-element order (acc starts at 0, clients in order) gives the same bits.
-        assert!(acc.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(acc
+            .iter()
+            .zip(&out)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]
@@ -394,9 +495,19 @@ mod tests {
         let a = vec![1f32; 4];
         let b = vec![1f32; 5];
         let mut out = vec![0f32; 4];
-        assert_eq!(weighted_sum(&[], &[], true, &mut out, 1, true), Err(KernelError::Empty));
+        assert_eq!(
+            weighted_sum(&[], &[], true, &mut out, 1, true),
+            Err(KernelError::Empty)
+        );
         assert!(matches!(
-            weighted_sum(&[Input::F32(&a), Input::F32(&b)], &[1.0, 1.0], true, &mut out, 1, true),
+            weighted_sum(
+                &[Input::F32(&a), Input::F32(&b)],
+                &[1.0, 1.0],
+                true,
+                &mut out,
+                1,
+                true
+            ),
             Err(KernelError::LengthMismatch { index: 1, .. })
         ));
         assert!(matches!(
@@ -423,21 +534,46 @@ mod tests {
         let mut bad = a.clone();
         bad[2] = f32::NAN;
         assert_eq!(
-            weighted_sum(&[Input::F32(&a), Input::F32(&bad)], &[1.0, 1.0], true, &mut out, 1, true),
+            weighted_sum(
+                &[Input::F32(&a), Input::F32(&bad)],
+                &[1.0, 1.0],
+                true,
+                &mut out,
+                1,
+                true
+            ),
             Err(KernelError::NonFinite { inputs: vec![1] })
         );
         // With the check off the NaN propagates and no error is raised.
-        weighted_sum(&[Input::F32(&a), Input::F32(&bad)], &[1.0, 1.0], true, &mut out, 1, false).unwrap();
+        weighted_sum(
+            &[Input::F32(&a), Input::F32(&bad)],
+            &[1.0, 1.0],
+            true,
+            &mut out,
+            1,
+            false,
+        )
+        .unwrap();
         assert!(out[2].is_nan());
         let big = vec![f32::MAX; 4];
         assert_eq!(
-            weighted_sum(&[Input::F32(&big), Input::F32(&big)], &[1.0, 1.0], false, &mut out, 1, true),
+            weighted_sum(
+                &[Input::F32(&big), Input::F32(&big)],
+                &[1.0, 1.0],
+                false,
+                &mut out,
+                1,
+                true
+            ),
             Err(KernelError::NonFinite { inputs: vec![] })
         );
         let h = vec![f16::INFINITY; 3];
         let bb = vec![bf16::NAN; 3];
         assert!(Input::F16(&h).has_nonfinite());
         assert!(Input::BF16(&bb).has_nonfinite());
-        assert_eq!(find_nonfinite(&[Input::F32(&a), Input::F32(&bad), Input::F32(&a)], 2), vec![1]);
+        assert_eq!(
+            find_nonfinite(&[Input::F32(&a), Input::F32(&bad), Input::F32(&a)], 2),
+            vec![1]
+        );
     }
 }

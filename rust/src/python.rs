@@ -1,20 +1,27 @@
 //! The `emberfl._core` Python module: thin, typed wrappers over the store and the
-//! kernels. Heavy work runs with the GIL released; every error becomes a Python
-//! exception (`StoreError`, `NonFiniteError`, `ValueError`, `TypeError`).
+//! kernels. Arrays arrive as typed numpy arrays whose dtype is checked against what
+//! the call expects; heavy work runs with the GIL released over plain slices of them;
+//! every error becomes a Python exception (`StoreError`, `NonFiniteError`,
+//! `ValueError`, `TypeError`).
 
+use std::ops::Range;
 use std::os::raw::{c_int, c_void};
 use std::path::PathBuf;
 
-use half::{bf16, f16};
+use half::f16;
+use half::slice::HalfBitsSliceExt;
 use numpy::npyffi::{self, npy_intp, NpyTypes, NPY_ARRAY_WRITEABLE, NPY_TYPES, PY_ARRAY_API};
-use numpy::{PyArrayDescrMethods, PyReadwriteArray1, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{
+    Element, PyArray1, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1,
+    PyUntypedArray, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyString};
 
 use crate::dtype::Dtype;
-use crate::kernels::{self, Input, KernelError};
 use crate::header::TensorInfo;
+use crate::kernels::{self, Input, KernelError};
 use crate::store::{self, StoreError as RustStoreError, TensorRef};
 
 pyo3::create_exception!(
@@ -31,7 +38,7 @@ pyo3::create_exception!(
 );
 
 fn store_err(e: RustStoreError) -> PyErr {
-    StoreError::new_err(e.0)
+    StoreError::new_err(e.to_string())
 }
 
 fn kernel_err(e: KernelError) -> PyErr {
@@ -41,72 +48,182 @@ fn kernel_err(e: KernelError) -> PyErr {
     }
 }
 
-/// A raw, GIL-free view of a 1-D contiguous numpy array: (address, length in items).
-/// The array object is kept alive by the caller for as long as the view is used.
-#[derive(Clone, Copy)]
-struct RawVec {
-    addr: usize,
-    len: usize,
+/// The element type of the kernels' inputs, given as the `kind` argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    F32,
+    F16,
+    /// numpy has no bfloat16: these inputs come as uint16 arrays of the bits.
+    BF16,
 }
 
-fn raw_vec(arr: &Bound<'_, PyUntypedArray>, itemsize: usize, what: &str) -> PyResult<RawVec> {
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::F32 => "f32",
+            Kind::F16 => "f16",
+            Kind::BF16 => "bf16",
+        }
+    }
+}
+
+impl FromPyObject<'_, '_> for Kind {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'_, '_, PyAny>) -> PyResult<Self> {
+        match obj.cast::<PyString>()?.to_str()? {
+            "f32" => Ok(Kind::F32),
+            "f16" => Ok(Kind::F16),
+            "bf16" => Ok(Kind::BF16),
+            other => Err(PyTypeError::new_err(format!(
+                "unsupported input dtype {other:?}; expected f32, f16 or bf16"
+            ))),
+        }
+    }
+}
+
+/// `obj` as a 1-D numpy array of `T`, or an error naming `what`, the dtype expected
+/// (for `kind` when given) and the one given. A dtype is checked for equivalence, so
+/// byte-swapped arrays are rejected too.
+fn typed_array<'py, T: Element>(
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+    kind: Option<Kind>,
+) -> PyResult<Bound<'py, PyArray1<T>>> {
+    let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
+        let got = obj
+            .get_type()
+            .name()
+            .map_or_else(|_| "?".into(), |n| n.to_string());
+        PyTypeError::new_err(format!("{what}: expected a numpy array, got {got}"))
+    })?;
     if arr.ndim() != 1 {
-        return Err(PyValueError::new_err(format!("{what}: expected a 1-D array, got {} dims", arr.ndim())));
+        return Err(PyValueError::new_err(format!(
+            "{what}: expected a 1-D array, got {} dims",
+            arr.ndim()
+        )));
     }
-    let got = arr.dtype().itemsize();
-    if got != itemsize {
-        return Err(PyTypeError::new_err(format!("{what}: expected {itemsize}-byte items, got {got}-byte items")));
+    let want = numpy::dtype::<T>(obj.py());
+    let got = arr.dtype();
+    if !got.is_equiv_to(&want) {
+        let context = match kind {
+            Some(Kind::BF16) => " (bfloat16 bits) for kind \"bf16\"".to_owned(),
+            Some(k) => format!(" for kind {:?}", k.name()),
+            None => String::new(),
+        };
+        return Err(PyTypeError::new_err(format!(
+            "{what}: expected a {want} array{context}, got {got}"
+        )));
     }
-    let len = arr.len();
-    if len > 1 && !arr.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!("{what}: array must be contiguous")));
-    }
-    // SAFETY: reading the data pointer field of a live array object.
-    let addr = unsafe { (*arr.as_array_ptr()).fields.data } as usize;
-    if len > 0 && addr % itemsize != 0 {
-        return Err(PyValueError::new_err(format!("{what}: data is not aligned to its item size")));
-    }
-    Ok(RawVec { addr, len })
+    Ok(arr.cast::<PyArray1<T>>()?.clone())
 }
 
-/// Rebuilds typed slices from raw views. SAFETY: caller guarantees the arrays are
-/// alive, contiguous, aligned and of the element type named by `kind`.
-unsafe fn inputs_from_raw(raws: &[RawVec], kind: &str) -> Vec<Input<'static>> {
-    raws.iter()
-        .map(|r| {
-            let nonnull = if r.len == 0 { std::ptr::NonNull::<u64>::dangling().as_ptr() as usize } else { r.addr };
-            unsafe {
-                match kind {
-                    "f32" => Input::F32(std::slice::from_raw_parts(nonnull as *const f32, r.len)),
-                    "f16" => Input::F16(std::slice::from_raw_parts(nonnull as *const f16, r.len)),
-                    _ => Input::BF16(std::slice::from_raw_parts(nonnull as *const bf16, r.len)),
-                }
-            }
+/// A readonly borrow of `obj` as a 1-D array of `T` (see [`typed_array`]).
+fn readonly<'py, T: Element>(
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+    kind: Option<Kind>,
+) -> PyResult<PyReadonlyArray1<'py, T>> {
+    typed_array::<T>(obj, what, kind)?
+        .try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("{what}: {e}")))
+}
+
+/// The elements of a borrowed array as one slice: it must be contiguous and aligned.
+fn as_slice<'a, T: Element>(a: &'a PyReadonlyArray1<'_, T>, what: &str) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|_| not_a_slice(a.as_untyped(), what))
+}
+
+fn not_a_slice(a: &Bound<'_, PyUntypedArray>, what: &str) -> PyErr {
+    PyValueError::new_err(if a.is_contiguous() {
+        format!("{what}: data is not aligned to its item size")
+    } else {
+        format!("{what}: array must be contiguous")
+    })
+}
+
+/// A kernel input borrowed from Python, typed by its kind.
+enum InputArray<'py> {
+    F32(PyReadonlyArray1<'py, f32>),
+    F16(PyReadonlyArray1<'py, f16>),
+    BF16(PyReadonlyArray1<'py, u16>),
+}
+
+impl<'py> InputArray<'py> {
+    fn borrow(obj: &Bound<'py, PyAny>, kind: Kind, what: &str) -> PyResult<Self> {
+        let k = Some(kind);
+        Ok(match kind {
+            Kind::F32 => InputArray::F32(readonly(obj, what, k)?),
+            Kind::F16 => InputArray::F16(readonly(obj, what, k)?),
+            Kind::BF16 => InputArray::BF16(readonly(obj, what, k)?),
         })
-        .collect()
-}
+    }
 
-fn kind_itemsize(kind: &str) -> PyResult<usize> {
-    match kind {
-        "f32" => Ok(4),
-        "f16" | "bf16" => Ok(2),
-        other => Err(PyTypeError::new_err(format!("unsupported input dtype {other:?}; expected f32, f16 or bf16"))),
+    /// The slice the kernels read; bfloat16 bits are reinterpreted by `half`'s safe cast.
+    fn input(&self, what: &str) -> PyResult<Input<'_>> {
+        Ok(match self {
+            InputArray::F32(a) => Input::F32(as_slice(a, what)?),
+            InputArray::F16(a) => Input::F16(as_slice(a, what)?),
+            InputArray::BF16(a) => Input::BF16(as_slice(a, what)?.reinterpret_cast()),
+        })
     }
 }
 
-fn collect_inputs(inputs: &[Bound<'_, PyUntypedArray>], kind: &str) -> PyResult<Vec<RawVec>> {
-    let itemsize = kind_itemsize(kind)?;
+/// Borrows every input as `kind`.
+fn borrow_inputs<'py>(inputs: &[Bound<'py, PyAny>], kind: Kind) -> PyResult<Vec<InputArray<'py>>> {
     inputs
         .iter()
         .enumerate()
-        .map(|(i, a)| raw_vec(a, itemsize, &format!("inputs[{i}]")))
+        .map(|(i, a)| InputArray::borrow(a, kind, &format!("inputs[{i}]")))
         .collect()
 }
 
-fn overlaps(a: RawVec, a_item: usize, b: RawVec, b_item: usize) -> bool {
-    let (a0, a1) = (a.addr, a.addr + a.len * a_item);
-    let (b0, b1) = (b.addr, b.addr + b.len * b_item);
-    a.len > 0 && b.len > 0 && a0 < b1 && b0 < a1
+fn input_slices<'a>(arrays: &'a [InputArray<'_>]) -> PyResult<Vec<Input<'a>>> {
+    arrays
+        .iter()
+        .enumerate()
+        .map(|(i, a)| a.input(&format!("inputs[{i}]")))
+        .collect()
+}
+
+/// The addresses of a slice's bytes.
+fn span<T>(s: &[T]) -> Range<usize> {
+    let r = s.as_ptr_range();
+    r.start as usize..r.end as usize
+}
+
+fn input_span(x: &Input<'_>) -> Range<usize> {
+    match x {
+        Input::F32(s) => span(s),
+        Input::F16(s) => span(s),
+        Input::BF16(s) => span(s),
+    }
+}
+
+fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
+    !a.is_empty() && !b.is_empty() && a.start < b.end && b.start < a.end
+}
+
+/// Borrows the f32 output array `obj` for writing once it is known not to overlap any of
+/// `inputs`, which are borrowed for reading already (and which numpy's own borrow
+/// tracking only relates to `obj` when both view the same base object).
+fn borrow_output<'py>(
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+    inputs: &[Input<'_>],
+    overlap_msg: &str,
+) -> PyResult<PyReadwriteArray1<'py, f32>> {
+    let arr = typed_array::<f32>(obj, what, None)?;
+    if !arr.is_contiguous() {
+        return Err(not_a_slice(arr.as_untyped(), what));
+    }
+    let start = arr.data() as usize;
+    let out = start..start + arr.len() * std::mem::size_of::<f32>();
+    if inputs.iter().any(|x| overlaps(&input_span(x), &out)) {
+        return Err(PyValueError::new_err(overlap_msg.to_owned()));
+    }
+    arr.try_readwrite()
+        .map_err(|e| PyValueError::new_err(format!("{what}: {e}")))
 }
 
 #[pyfunction]
@@ -114,72 +231,55 @@ fn overlaps(a: RawVec, a_item: usize, b: RawVec, b_item: usize) -> bool {
 #[allow(clippy::too_many_arguments)]
 fn weighted_sum(
     py: Python<'_>,
-    inputs: Vec<Bound<'_, PyUntypedArray>>,
-    kind: &str,
+    inputs: Vec<Bound<'_, PyAny>>,
+    kind: Kind,
     weights: Vec<f64>,
-    mut out: PyReadwriteArray1<'_, f32>,
+    out: Bound<'_, PyAny>,
     threads: usize,
     check_finite: bool,
     normalize: bool,
 ) -> PyResult<()> {
-    let raws = collect_inputs(&inputs, kind)?;
-    let item = kind_itemsize(kind)?;
-    let out_slice = out
+    let arrays = borrow_inputs(&inputs, kind)?;
+    let ins = input_slices(&arrays)?;
+    let mut out = borrow_output(&out, "out", &ins, "out must not overlap any input")?;
+    let out = out
         .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("out must be contiguous"))?;
-    let out_raw = RawVec { addr: out_slice.as_ptr() as usize, len: out_slice.len() };
-    if raws.iter().any(|r| overlaps(*r, item, out_raw, 4)) {
-        return Err(PyValueError::new_err("out must not overlap any input"));
-    }
-    let kind = kind.to_owned();
-    py.detach(move || {
-        // SAFETY: `inputs` and `out` stay borrowed by this frame while the GIL is released.
-        let ins = unsafe { inputs_from_raw(&raws, &kind) };
-        let out = unsafe { std::slice::from_raw_parts_mut(out_raw.addr as *mut f32, out_raw.len) };
-        kernels::weighted_sum(&ins, &weights, normalize, out, threads, check_finite)
-    })
-    .map_err(kernel_err)
+        .map_err(|_| PyValueError::new_err("out: data is not aligned to its item size"))?;
+    py.detach(|| kernels::weighted_sum(&ins, &weights, normalize, out, threads, check_finite))
+        .map_err(kernel_err)
 }
 
 #[pyfunction]
 #[pyo3(signature = (acc, x, kind, weight, threads=1))]
 fn accumulate(
     py: Python<'_>,
-    mut acc: PyReadwriteArray1<'_, f32>,
-    x: Bound<'_, PyUntypedArray>,
-    kind: &str,
+    acc: Bound<'_, PyAny>,
+    x: Bound<'_, PyAny>,
+    kind: Kind,
     weight: f64,
     threads: usize,
 ) -> PyResult<()> {
-    let raw = collect_inputs(std::slice::from_ref(&x), kind)?[0];
-    let item = kind_itemsize(kind)?;
-    let acc_slice = acc
+    let array = InputArray::borrow(&x, kind, "x")?;
+    let x = array.input("x")?;
+    let mut acc = borrow_output(&acc, "acc", &[x], "acc must not overlap x")?;
+    let acc = acc
         .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("acc must be contiguous"))?;
-    let acc_raw = RawVec { addr: acc_slice.as_ptr() as usize, len: acc_slice.len() };
-    if overlaps(raw, item, acc_raw, 4) {
-        return Err(PyValueError::new_err("acc must not overlap x"));
-    }
-    let kind = kind.to_owned();
-    py.detach(move || {
-        // SAFETY: as in `weighted_sum`.
-        let ins = unsafe { inputs_from_raw(&[raw], &kind) };
-        let acc = unsafe { std::slice::from_raw_parts_mut(acc_raw.addr as *mut f32, acc_raw.len) };
-        kernels::accumulate(acc, ins[0], weight, threads)
-    })
-    .map_err(kernel_err)
+        .map_err(|_| PyValueError::new_err("acc: data is not aligned to its item size"))?;
+    py.detach(|| kernels::accumulate(acc, x, weight, threads))
+        .map_err(kernel_err)
 }
 
 #[pyfunction]
 #[pyo3(signature = (inputs, kind, threads=1))]
-fn find_nonfinite(py: Python<'_>, inputs: Vec<Bound<'_, PyUntypedArray>>, kind: &str, threads: usize) -> PyResult<Vec<usize>> {
-    let raws = collect_inputs(&inputs, kind)?;
-    let kind = kind.to_owned();
-    Ok(py.detach(move || {
-        // SAFETY: as in `weighted_sum`.
-        let ins = unsafe { inputs_from_raw(&raws, &kind) };
-        kernels::find_nonfinite(&ins, threads)
-    }))
+fn find_nonfinite(
+    py: Python<'_>,
+    inputs: Vec<Bound<'_, PyAny>>,
+    kind: Kind,
+    threads: usize,
+) -> PyResult<Vec<usize>> {
+    let arrays = borrow_inputs(&inputs, kind)?;
+    let ins = input_slices(&arrays)?;
+    Ok(py.detach(|| kernels::find_nonfinite(&ins, threads)))
 }
 
 /// Writes a store file. `buffers[i]` holds tensor i's bytes as a 1-D uint8 array.
@@ -192,42 +292,44 @@ fn save_file(
     names: Vec<String>,
     dtypes: Vec<String>,
     shapes: Vec<Vec<usize>>,
-    buffers: Vec<Bound<'_, PyUntypedArray>>,
+    buffers: Vec<Bound<'_, PyAny>>,
     metadata: Option<Vec<(String, String)>>,
     durable: bool,
 ) -> PyResult<()> {
     let n = names.len();
     if dtypes.len() != n || shapes.len() != n || buffers.len() != n {
-        return Err(PyValueError::new_err("names, dtypes, shapes and buffers must have the same length"));
+        return Err(PyValueError::new_err(
+            "names, dtypes, shapes and buffers must have the same length",
+        ));
     }
     let mut parsed = Vec::with_capacity(n);
     for (name, d) in names.iter().zip(&dtypes) {
         parsed.push(Dtype::parse(d).ok_or_else(|| {
-            StoreError::new_err(format!("{}: tensor {name:?}: unsupported dtype {d:?}", path.display()))
+            StoreError::new_err(format!(
+                "{}: tensor {name:?}: unsupported dtype {d:?}",
+                path.display()
+            ))
         })?);
     }
-    let raws = buffers
+    let arrays = buffers
         .iter()
         .zip(&names)
-        .map(|(b, name)| raw_vec(b, 1, &format!("tensor {name:?}")))
+        .map(|(b, name)| readonly::<u8>(b, &format!("tensor {name:?}"), None))
         .collect::<PyResult<Vec<_>>>()?;
-    py.detach(move || {
-        let tensors: Vec<TensorRef<'_>> = (0..n)
-            .map(|i| TensorRef {
+    let tensors = arrays
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            Ok(TensorRef {
                 name: &names[i],
                 dtype: parsed[i],
                 shape: &shapes[i],
-                // SAFETY: the byte arrays stay referenced by this frame during the write.
-                data: if raws[i].len == 0 {
-                    &[]
-                } else {
-                    unsafe { std::slice::from_raw_parts(raws[i].addr as *const u8, raws[i].len) }
-                },
+                data: as_slice(a, &format!("tensor {:?}", names[i]))?,
             })
-            .collect();
-        store::write_file(&path, &tensors, metadata.as_deref(), durable)
-    })
-    .map_err(store_err)
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    py.detach(|| store::write_file(&path, &tensors, metadata.as_deref(), durable))
+        .map_err(store_err)
 }
 
 /// The numpy element type that holds a dtype's items; bfloat16 has none and travels as
@@ -260,9 +362,14 @@ struct PyMappedFile {
 impl PyMappedFile {
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let mut mapped = py.detach(|| store::MappedFile::open(&path)).map_err(store_err)?;
+        let mut mapped = py
+            .detach(|| store::MappedFile::open(&path))
+            .map_err(store_err)?;
         let data_addr = mapped.data_ptr() as usize;
-        Ok(PyMappedFile { inner: mapped, data_addr })
+        Ok(PyMappedFile {
+            inner: mapped,
+            data_addr,
+        })
     }
 
     #[getter]
@@ -289,7 +396,15 @@ impl PyMappedFile {
             .header
             .tensors
             .iter()
-            .map(|t| (t.name.clone(), t.dtype.name().to_owned(), t.shape.clone(), t.start, t.end))
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.dtype.name().to_owned(),
+                    t.shape.clone(),
+                    t.start,
+                    t.end,
+                )
+            })
             .collect()
     }
 
@@ -298,15 +413,27 @@ impl PyMappedFile {
     /// arrays of their bits. Tensors that are empty, or not aligned to their item size
     /// (possible in files written by other tools), come as copies.
     fn arrays<'py>(slf: &Bound<'py, Self>) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        slf.get().inner.header.tensors.iter().map(|t| tensor_array(slf, t)).collect()
+        slf.get()
+            .inner
+            .header
+            .tensors
+            .iter()
+            .map(|t| tensor_array(slf, t))
+            .collect()
     }
 
     /// One 1-D array over every tensor of `dtype`, in file order (a view, or a copy
     /// under the same rules as `arrays`). Raises `StoreError` when those tensors are
     /// not one contiguous range; empty when the file has none.
     fn flat<'py>(slf: &Bound<'py, Self>, dtype: &str) -> PyResult<Bound<'py, PyAny>> {
-        let d = Dtype::parse(dtype).ok_or_else(|| StoreError::new_err(format!("unsupported dtype {dtype:?}")))?;
-        let (start, end) = slf.get().inner.dtype_range(d).map_err(store_err)?.unwrap_or((0, 0));
+        let d = Dtype::parse(dtype)
+            .ok_or_else(|| StoreError::new_err(format!("unsupported dtype {dtype:?}")))?;
+        let (start, end) = slf
+            .get()
+            .inner
+            .dtype_range(d)
+            .map_err(store_err)?
+            .unwrap_or((0, 0));
         let span = TensorInfo {
             name: String::new(),
             dtype: d,
@@ -319,12 +446,15 @@ impl PyMappedFile {
 }
 
 /// A numpy array of tensor `t` of `owner`'s file (see `PyMappedFile::arrays`).
-fn tensor_array<'py>(owner: &Bound<'py, PyMappedFile>, t: &TensorInfo) -> PyResult<Bound<'py, PyAny>> {
+fn tensor_array<'py>(
+    owner: &Bound<'py, PyMappedFile>,
+    t: &TensorInfo,
+) -> PyResult<Bound<'py, PyAny>> {
     let py = owner.py();
     let this = owner.get();
     let mut dims: Vec<npy_intp> = t.shape.iter().map(|&d| d as npy_intp).collect();
     let nd = dims.len() as c_int;
-    let view = t.end > t.start && t.start % t.dtype.itemsize() == 0;
+    let view = t.end > t.start && t.start.is_multiple_of(t.dtype.itemsize());
     // SAFETY: `descr` is a new reference that NewFromDescr steals. A view's memory is
     // `t.end - t.start` bytes inside the validated data section, which lives as long as
     // `owner`, set as the array's base (SetBaseObject steals the reference we pass).
@@ -336,7 +466,10 @@ fn tensor_array<'py>(owner: &Bound<'py, PyMappedFile>, t: &TensorInfo) -> PyResu
             return Err(PyErr::fetch(py));
         }
         let (data, flags) = if view {
-            ((this.data_addr + t.start) as *mut c_void, NPY_ARRAY_WRITEABLE)
+            (
+                (this.data_addr + t.start) as *mut c_void,
+                NPY_ARRAY_WRITEABLE,
+            )
         } else {
             (std::ptr::null_mut(), 0)
         };

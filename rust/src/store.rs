@@ -1,30 +1,149 @@
 //! Writing store files atomically and mapping them for zero-copy reads.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::{Advice, MmapMut, MmapOptions};
 
 use crate::dtype::Dtype;
-use crate::header::{self, Header, TensorInfo};
+use crate::header::{self, Header, HeaderError, TensorInfo};
 
-/// Any failure to write, open or validate a store file. The message names the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreError(pub String);
+/// Any failure to write, open or validate a store file: the file, and what went wrong.
+/// Displays as `<path>: <what went wrong>`.
+#[derive(Debug)]
+pub struct StoreError {
+    pub path: PathBuf,
+    pub kind: StoreErrorKind,
+}
 
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+/// What went wrong with a store file, one variant per failure.
+#[derive(Debug)]
+pub enum StoreErrorKind {
+    /// A tensor to write is named `__metadata__`, which the format reserves.
+    ReservedName,
+    DuplicateName {
+        name: String,
+    },
+    /// `numel(shape) * itemsize` of a tensor to write overflows `usize`.
+    ShapeOverflow {
+        name: String,
+        shape: Vec<usize>,
+    },
+    /// A tensor to write has a different number of bytes than its shape needs.
+    DataSize {
+        name: String,
+        given: usize,
+        shape: Vec<usize>,
+        dtype: Dtype,
+        expected: usize,
+    },
+    /// Creating, writing, syncing or renaming the temporary file failed.
+    Write(io::Error),
+    /// The durable write's fsync of the target directory failed.
+    SyncDir(io::Error),
+    Open(io::Error),
+    Stat(io::Error),
+    NotAFile,
+    /// Reading the length prefix failed.
+    Read(io::Error),
+    /// Reading the JSON header failed.
+    ReadHeader(io::Error),
+    /// The header is not valid.
+    Header(HeaderError),
+    Map(io::Error),
+    /// The file's length changed between the header check and the mapping.
+    SizeChanged,
+    /// The tensors of `dtype` do not form one byte range: tensor `between` splits them.
+    NotContiguous {
+        dtype: Dtype,
+        between: String,
+    },
+}
+
+impl StoreErrorKind {
+    fn at(self, path: &Path) -> StoreError {
+        StoreError {
+            path: path.to_owned(),
+            kind: self,
+        }
     }
 }
 
-impl std::error::Error for StoreError {}
+impl From<HeaderError> for StoreErrorKind {
+    fn from(e: HeaderError) -> Self {
+        StoreErrorKind::Header(e)
+    }
+}
 
-fn err(path: &Path, msg: impl std::fmt::Display) -> StoreError {
-    StoreError(format!("{}: {msg}", path.display()))
+impl fmt::Display for StoreErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use StoreErrorKind as K;
+        match self {
+            K::ReservedName => f.write_str("\"__metadata__\" is reserved and cannot name a tensor"),
+            K::DuplicateName { name } => write!(f, "duplicate tensor name {name:?}"),
+            K::ShapeOverflow { name, shape } => {
+                write!(f, "tensor {name:?}: shape {shape:?} overflows")
+            }
+            K::DataSize {
+                name,
+                given,
+                shape,
+                dtype,
+                expected,
+            } => write!(
+                f,
+                "tensor {name:?}: {given} bytes given but shape {shape:?} of {dtype} needs \
+                 {expected}"
+            ),
+            K::Write(e) => write!(f, "write failed: {e}"),
+            K::SyncDir(e) => write!(f, "fsync of directory failed: {e}"),
+            K::Open(e) => write!(f, "cannot open: {e}"),
+            K::Stat(e) => write!(f, "cannot stat: {e}"),
+            K::NotAFile => f.write_str("not a regular file"),
+            K::Read(e) => write!(f, "cannot read: {e}"),
+            K::ReadHeader(e) => write!(f, "cannot read header: {e}"),
+            K::Header(e) => e.fmt(f),
+            K::Map(e) => write!(f, "cannot map: {e}"),
+            K::SizeChanged => f.write_str("file changed size while being opened"),
+            K::NotContiguous { dtype, between } => write!(
+                f,
+                "{dtype} tensors are not contiguous (tensor {between:?} lies between them)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for StoreErrorKind {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        use StoreErrorKind as K;
+        match self {
+            K::Write(e)
+            | K::SyncDir(e)
+            | K::Open(e)
+            | K::Stat(e)
+            | K::Read(e)
+            | K::ReadHeader(e)
+            | K::Map(e) => Some(e),
+            K::Header(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.kind)
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.kind)
+    }
 }
 
 /// One tensor to write: its bytes must already be in the dtype's little-endian layout.
@@ -38,28 +157,30 @@ pub struct TensorRef<'a> {
 /// Lays tensors out grouped by dtype (see [`Dtype::WRITE_ORDER`]), keeping the given
 /// order inside each group. Returns the indices of `tensors` in file order and
 /// their header entries.
-fn layout(path: &Path, tensors: &[TensorRef<'_>]) -> Result<(Vec<usize>, Vec<TensorInfo>), StoreError> {
+fn layout(tensors: &[TensorRef<'_>]) -> Result<(Vec<usize>, Vec<TensorInfo>), StoreErrorKind> {
     let mut seen = HashSet::with_capacity(tensors.len());
     for t in tensors {
         if t.name == "__metadata__" {
-            return Err(err(path, "\"__metadata__\" is reserved and cannot name a tensor"));
+            return Err(StoreErrorKind::ReservedName);
         }
         if !seen.insert(t.name) {
-            return Err(err(path, format_args!("duplicate tensor name {:?}", t.name)));
+            return Err(StoreErrorKind::DuplicateName {
+                name: t.name.to_owned(),
+            });
         }
-        let expected = header::byte_len(t.dtype, t.shape)
-            .ok_or_else(|| err(path, format_args!("tensor {:?}: shape {:?} overflows", t.name, t.shape)))?;
+        let expected =
+            header::byte_len(t.dtype, t.shape).ok_or_else(|| StoreErrorKind::ShapeOverflow {
+                name: t.name.to_owned(),
+                shape: t.shape.to_vec(),
+            })?;
         if t.data.len() != expected {
-            return Err(err(
-                path,
-                format_args!(
-                    "tensor {:?}: {} bytes given but shape {:?} of {} needs {expected}",
-                    t.name,
-                    t.data.len(),
-                    t.shape,
-                    t.dtype
-                ),
-            ));
+            return Err(StoreErrorKind::DataSize {
+                name: t.name.to_owned(),
+                given: t.data.len(),
+                shape: t.shape.to_vec(),
+                dtype: t.dtype,
+                expected,
+            });
         }
     }
     let mut order: Vec<usize> = (0..tensors.len()).collect();
@@ -114,7 +235,7 @@ pub fn write_file(
     metadata: Option<&[(String, String)]>,
     durable: bool,
 ) -> Result<(), StoreError> {
-    let (order, infos) = layout(path, tensors)?;
+    let (order, infos) = layout(tensors).map_err(|e| e.at(path))?;
     let head = header::serialize(&infos, metadata);
     let tmp = temp_path_for(path);
     let result = (|| -> std::io::Result<()> {
@@ -132,14 +253,14 @@ pub fn write_file(
     })();
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
-        return Err(err(path, format_args!("write failed: {e}")));
+        return Err(StoreErrorKind::Write(e).at(path));
     }
     if durable {
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        fsync_dir(dir).map_err(|e| err(path, format_args!("fsync of directory failed: {e}")))?;
+        fsync_dir(dir).map_err(|e| StoreErrorKind::SyncDir(e).at(path))?;
     }
     Ok(())
 }
@@ -158,16 +279,16 @@ pub struct MappedFile {
 
 impl MappedFile {
     pub fn open(path: &Path) -> Result<MappedFile, StoreError> {
-        let mut file = File::open(path).map_err(|e| err(path, format_args!("cannot open: {e}")))?;
+        let mut file = File::open(path).map_err(|e| StoreErrorKind::Open(e).at(path))?;
         let file_len = file
             .metadata()
-            .map_err(|e| err(path, format_args!("cannot stat: {e}")))?
+            .map_err(|e| StoreErrorKind::Stat(e).at(path))?
             .len();
         if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
-            return Err(err(path, "not a regular file"));
+            return Err(StoreErrorKind::NotAFile.at(path));
         }
         // The header is read with plain reads and validated before anything is mapped.
-        let header = read_header(&mut file, file_len).map_err(|e| err(path, e))?;
+        let header = read_header(&mut file, file_len).map_err(|e| e.at(path))?;
         // SAFETY: the mapping is private and we validated that the file is as long as
         // the header says. Files written by this crate are published by rename and never
         // modified afterwards, so the length cannot shrink under the mapping.
@@ -176,12 +297,12 @@ impl MappedFile {
         } else {
             Some(
                 unsafe { MmapOptions::new().map_copy(&file) }
-                    .map_err(|e| err(path, format_args!("cannot map: {e}")))?,
+                    .map_err(|e| StoreErrorKind::Map(e).at(path))?,
             )
         };
         if let Some(m) = &map {
             if m.len() as u64 != file_len {
-                return Err(err(path, "file changed size while being opened"));
+                return Err(StoreErrorKind::SizeChanged.at(path));
             }
             if m.len() <= POPULATE_MAX_BYTES {
                 // Small files are read whole right after mapping (a client's model); one
@@ -229,10 +350,11 @@ impl MappedFile {
                 (None, true) => range = Some((t.start, t.end)),
                 (Some(r), true) => {
                     if let Some(other) = broken_by {
-                        return Err(err(
-                            &self.path,
-                            format_args!("{dtype} tensors are not contiguous (tensor {other:?} lies between them)"),
-                        ));
+                        return Err(StoreErrorKind::NotContiguous {
+                            dtype,
+                            between: other.to_owned(),
+                        }
+                        .at(&self.path));
                     }
                     r.1 = t.end;
                 }
@@ -253,33 +375,37 @@ impl MappedFile {
 /// Reads the 8-byte prefix and the JSON header from the start of `reader` and validates
 /// them for a file of `file_len` bytes. Only the header is read; the data section is
 /// checked against `file_len` (its extent), not read.
-pub fn read_header<R: Read>(reader: &mut R, file_len: u64) -> Result<Header, String> {
+pub fn read_header<R: Read>(reader: &mut R, file_len: u64) -> Result<Header, StoreErrorKind> {
     let mut prefix = [0u8; 8];
-    let got = read_up_to(reader, &mut prefix)?;
+    let got = read_up_to(reader, &mut prefix).map_err(StoreErrorKind::Read)?;
     let n = header::header_len(&prefix[..got], file_len)?;
     let mut json = vec![0u8; n];
     reader
         .read_exact(&mut json)
-        .map_err(|e| format!("cannot read header: {e}"))?;
-    header::parse(&json, file_len)
+        .map_err(StoreErrorKind::ReadHeader)?;
+    Ok(header::parse(&json, file_len)?)
 }
 
 /// Validates a whole store file held in memory, exactly as [`MappedFile::open`] validates
-/// a file on disk, and returns its header. On success every tensor's bytes,
+/// a file on disk (the same checks on the same bytes; memory cannot fail to read), and
+/// returns its header. On success every tensor's bytes,
 /// `bytes[data_start + start..data_start + end]`, lie inside `bytes`, and together the
 /// tensors cover the data section exactly.
-pub fn validate_image(bytes: &[u8]) -> Result<Header, String> {
-    read_header(&mut &bytes[..], bytes.len() as u64)
+pub fn validate_image(bytes: &[u8]) -> Result<Header, HeaderError> {
+    let file_len = bytes.len() as u64;
+    let n = header::header_len(&bytes[..bytes.len().min(8)], file_len)?;
+    // `header_len` checked that the prefix and the JSON lie inside `bytes`.
+    header::parse(&bytes[8..8 + n], file_len)
 }
 
-fn read_up_to<R: Read>(file: &mut R, buf: &mut [u8]) -> Result<usize, String> {
+fn read_up_to<R: Read>(file: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match file.read(&mut buf[got..]) {
             Ok(0) => break,
             Ok(k) => got += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("cannot read: {e}")),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(got)
@@ -301,9 +427,24 @@ mod tests {
         let steps = 7i64.to_le_bytes();
         let w2 = f32_bytes(&[4.0]);
         let tensors = [
-            TensorRef { name: "w1", dtype: Dtype::F32, shape: &[3], data: &w1 },
-            TensorRef { name: "steps", dtype: Dtype::I64, shape: &[], data: &steps },
-            TensorRef { name: "w2", dtype: Dtype::F32, shape: &[1, 1], data: &w2 },
+            TensorRef {
+                name: "w1",
+                dtype: Dtype::F32,
+                shape: &[3],
+                data: &w1,
+            },
+            TensorRef {
+                name: "steps",
+                dtype: Dtype::I64,
+                shape: &[],
+                data: &steps,
+            },
+            TensorRef {
+                name: "w2",
+                dtype: Dtype::F32,
+                shape: &[1, 1],
+                data: &w2,
+            },
         ];
         let meta = vec![("k".to_string(), "v".to_string())];
         write_file(&path, &tensors, Some(&meta), true).unwrap();
@@ -312,7 +453,10 @@ mod tests {
         assert_eq!(names, ["steps", "w1", "w2"]);
         assert_eq!(m.header.data_start % header::DATA_ALIGNMENT, 0);
         assert_eq!(m.dtype_range(Dtype::F32).unwrap(), Some((8, 24)));
-        assert_eq!(&m.data()[8..24], [w1.as_slice(), w2.as_slice()].concat().as_slice());
+        assert_eq!(
+            &m.data()[8..24],
+            [w1.as_slice(), w2.as_slice()].concat().as_slice()
+        );
         assert_eq!(m.header.metadata, Some(meta));
         assert_eq!(m.dtype_range(Dtype::F16).unwrap(), None);
         // no temp files left behind
@@ -324,10 +468,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
         let b = f32_bytes(&[1.0; 4]);
-        write_file(&path, &[TensorRef { name: "x", dtype: Dtype::F32, shape: &[4], data: &b }], None, false)
-            .unwrap();
+        write_file(
+            &path,
+            &[TensorRef {
+                name: "x",
+                dtype: Dtype::F32,
+                shape: &[4],
+                data: &b,
+            }],
+            None,
+            false,
+        )
+        .unwrap();
         let before = fs::read(&path).unwrap();
         let mut m = MappedFile::open(&path).unwrap();
+        // SAFETY: the data section holds 16 bytes and `m` is alive; the mapping is
+        // private and writable.
         unsafe { *m.data_ptr() = 0xAB };
         assert_eq!(m.data()[0], 0xAB);
         drop(m);
@@ -339,18 +495,63 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.safetensors");
         let b = [0u8; 3];
-        let e = write_file(&path, &[TensorRef { name: "x", dtype: Dtype::F32, shape: &[1], data: &b }], None, false)
-            .unwrap_err();
-        assert!(e.0.contains("needs 4"), "{e}");
+        let e = write_file(
+            &path,
+            &[TensorRef {
+                name: "x",
+                dtype: Dtype::F32,
+                shape: &[1],
+                data: &b,
+            }],
+            None,
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, path);
+        assert!(
+            matches!(
+                &e.kind,
+                StoreErrorKind::DataSize { name, given: 3, expected: 4, .. } if name == "x"
+            ),
+            "{e:?}"
+        );
+        let reserved = [TensorRef {
+            name: "__metadata__",
+            dtype: Dtype::U8,
+            shape: &[0],
+            data: &[],
+        }];
+        let e = write_file(&path, &reserved, None, false).unwrap_err();
+        assert!(matches!(e.kind, StoreErrorKind::ReservedName), "{e:?}");
         let ok = [0u8; 4];
         let dup = [
-            TensorRef { name: "x", dtype: Dtype::F32, shape: &[1], data: &ok },
-            TensorRef { name: "x", dtype: Dtype::F32, shape: &[1], data: &ok },
+            TensorRef {
+                name: "x",
+                dtype: Dtype::F32,
+                shape: &[1],
+                data: &ok,
+            },
+            TensorRef {
+                name: "x",
+                dtype: Dtype::F32,
+                shape: &[1],
+                data: &ok,
+            },
         ];
-        assert!(write_file(&path, &dup, None, false).unwrap_err().0.contains("duplicate"));
+        let e = write_file(&path, &dup, None, false).unwrap_err();
+        assert!(
+            matches!(&e.kind, StoreErrorKind::DuplicateName { name } if name == "x"),
+            "{e:?}"
+        );
         let missing_dir = dir.path().join("nope").join("f.safetensors");
         let e = write_file(&missing_dir, &[], None, false).unwrap_err();
-        assert!(e.0.contains("write failed"), "{e}");
+        assert!(matches!(e.kind, StoreErrorKind::Write(_)), "{e:?}");
+        // The message is the path, then what went wrong.
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: ", missing_dir.display())),
+            "{e}"
+        );
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
@@ -359,13 +560,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
         let b = f32_bytes(&[1.0, 2.0, 3.0, 4.0]);
-        write_file(&path, &[TensorRef { name: "x", dtype: Dtype::F32, shape: &[4], data: &b }], None, false)
-            .unwrap();
+        write_file(
+            &path,
+            &[TensorRef {
+                name: "x",
+                dtype: Dtype::F32,
+                shape: &[4],
+                data: &b,
+            }],
+            None,
+            false,
+        )
+        .unwrap();
         let full = fs::read(&path).unwrap();
         let cut = dir.path().join("cut.safetensors");
         for len in (0..full.len()).step_by(97).chain([full.len() - 1]) {
             fs::write(&cut, &full[..len]).unwrap();
-            assert!(MappedFile::open(&cut).is_err(), "truncated at {len} was accepted");
+            let e = MappedFile::open(&cut).err();
+            assert!(
+                matches!(
+                    e,
+                    Some(StoreError {
+                        kind: StoreErrorKind::Header(_),
+                        ..
+                    })
+                ),
+                "truncated at {len}: {e:?}"
+            );
         }
     }
 
@@ -376,8 +597,18 @@ mod tests {
         let b = f32_bytes(&[1.0, 2.0]);
         let steps = 3i64.to_le_bytes();
         let tensors = [
-            TensorRef { name: "w", dtype: Dtype::F32, shape: &[2], data: &b },
-            TensorRef { name: "steps", dtype: Dtype::I64, shape: &[], data: &steps },
+            TensorRef {
+                name: "w",
+                dtype: Dtype::F32,
+                shape: &[2],
+                data: &b,
+            },
+            TensorRef {
+                name: "steps",
+                dtype: Dtype::I64,
+                shape: &[],
+                data: &steps,
+            },
         ];
         write_file(&path, &tensors, None, false).unwrap();
         let bytes = fs::read(&path).unwrap();
@@ -388,21 +619,85 @@ mod tests {
             let e = validate_image(&bytes[..len]).unwrap_err();
             fs::write(&path, &bytes[..len]).unwrap();
             let on_disk = MappedFile::open(&path).err().unwrap();
-            assert!(on_disk.0.ends_with(&e), "{on_disk} vs {e}");
+            match on_disk.kind {
+                StoreErrorKind::Header(h) => assert_eq!(h, e),
+                other => panic!("{other:?} vs {e:?}"),
+            }
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert!(validate_image(&longer).unwrap_err().contains("trailing"));
+        assert!(matches!(
+            validate_image(&longer),
+            Err(HeaderError::TrailingBytes { .. })
+        ));
     }
 
     #[test]
     fn empty_data_section_needs_no_mapping() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("e.safetensors");
-        write_file(&path, &[TensorRef { name: "e", dtype: Dtype::F32, shape: &[0], data: &[] }], None, false)
-            .unwrap();
+        write_file(
+            &path,
+            &[TensorRef {
+                name: "e",
+                dtype: Dtype::F32,
+                shape: &[0],
+                data: &[],
+            }],
+            None,
+            false,
+        )
+        .unwrap();
         let m = MappedFile::open(&path).unwrap();
         assert!(m.data().is_empty());
         assert_eq!(m.dtype_range(Dtype::F32).unwrap(), Some((0, 0)));
+    }
+
+    #[test]
+    fn open_and_dtype_range_errors_say_which_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = MappedFile::open(&dir.path().join("absent")).err().unwrap();
+        assert!(matches!(e.kind, StoreErrorKind::Open(_)), "{e:?}");
+        let e = MappedFile::open(dir.path()).err().unwrap();
+        assert!(matches!(e.kind, StoreErrorKind::NotAFile), "{e:?}");
+
+        // Another writer may interleave dtypes; build such a file by hand.
+        let infos = [
+            TensorInfo {
+                name: "a".into(),
+                dtype: Dtype::F32,
+                shape: vec![1],
+                start: 0,
+                end: 4,
+            },
+            TensorInfo {
+                name: "b".into(),
+                dtype: Dtype::I32,
+                shape: vec![1],
+                start: 4,
+                end: 8,
+            },
+            TensorInfo {
+                name: "c".into(),
+                dtype: Dtype::F32,
+                shape: vec![1],
+                start: 8,
+                end: 12,
+            },
+        ];
+        let mut bytes = header::serialize(&infos, None);
+        bytes.resize(bytes.len() + 12, 0);
+        let path = dir.path().join("mixed.safetensors");
+        fs::write(&path, &bytes).unwrap();
+        let m = MappedFile::open(&path).unwrap();
+        let e = m.dtype_range(Dtype::F32).unwrap_err();
+        assert!(
+            matches!(
+                &e.kind,
+                StoreErrorKind::NotContiguous { dtype: Dtype::F32, between } if between == "b"
+            ),
+            "{e:?}"
+        );
+        assert_eq!(m.dtype_range(Dtype::I32).unwrap(), Some((4, 8)));
     }
 }

@@ -7,7 +7,8 @@
 
 Every algorithm has a server handler and serial, process-pool and thread-pool client
 trainers; FedOpt's clients are FedAvg's. Code written against ``blazefl.contrib``
-runs after changing the import to ``emberfl.contrib``.
+runs after changing the import to ``emberfl.contrib``. :mod:`emberfl.contrib.registry`
+names them for ``emberfl run`` and says how to build each one.
 """
 
 from emberfl.contrib.client_state import ClientStateStore
@@ -21,6 +22,7 @@ from emberfl.contrib.fedavg import (
     FedAvgPartitionType,
     FedAvgProcessPoolClientTrainer,
     FedAvgThreadPoolClientTrainer,
+    FedAvgTrainerSettings,
     FedAvgUplinkPackage,
     LocalRun,
     NonFinitePolicy,
@@ -39,6 +41,16 @@ from emberfl.contrib.fedprox import (
     FedProxThreadPoolClientTrainer,
 )
 from emberfl.contrib.layout import ParameterLayout
+from emberfl.contrib.registry import (
+    ALGORITHM_SPECS,
+    ALGORITHMS,
+    AlgorithmSettings,
+    AlgorithmSpec,
+    TrainerClasses,
+    algorithm_spec,
+    make_client_trainer,
+    make_server_handler,
+)
 from emberfl.contrib.scaffold import (
     ScaffoldBaseClientTrainer,
     ScaffoldClientUpdate,
@@ -51,6 +63,10 @@ from emberfl.contrib.scaffold import (
 from emberfl.contrib.training import LocalTrainingResult, evaluate_loader, local_sgd, sgd_step
 
 __all__ = [
+    "ALGORITHMS",
+    "ALGORITHM_SPECS",
+    "AlgorithmSettings",
+    "AlgorithmSpec",
     "ClientStateStore",
     "FedAdagradServerHandler",
     "FedAdamServerHandler",
@@ -63,6 +79,7 @@ __all__ = [
     "FedAvgPartitionedDataset",
     "FedAvgProcessPoolClientTrainer",
     "FedAvgThreadPoolClientTrainer",
+    "FedAvgTrainerSettings",
     "FedAvgUplinkPackage",
     "FedOptServerHandler",
     "FedProxBaseClientTrainer",
@@ -82,7 +99,11 @@ __all__ = [
     "ScaffoldServerHandler",
     "ScaffoldThreadPoolClientTrainer",
     "ScaffoldUplinkPackage",
+    "TrainerClasses",
+    "algorithm_spec",
     "evaluate_loader",
     "local_sgd",
+    "make_client_trainer",
+    "make_server_handler",
     "sgd_step",
 ]

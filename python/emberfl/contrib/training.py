@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from emberfl.contrib.checks import check_nonnegative_int, check_positive_number
+
 __all__ = ["LocalTrainingResult", "StopSignal", "evaluate_loader", "local_sgd", "sgd_step"]
 
 
@@ -39,13 +41,6 @@ class LocalTrainingResult:
     loss: float
 
 
-def _check_hyper(epochs: int, lr: float) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-
-
 def local_sgd(
     model: nn.Module,
     loader: Iterable[Any],
@@ -63,7 +58,8 @@ def local_sgd(
     ``after_backward`` may change the gradients before each step. Training stops
     early, between epochs, once ``stop_event`` is set.
     """
-    _check_hyper(epochs, lr)
+    check_nonnegative_int(epochs, "epochs")
+    check_positive_number(lr, "lr")
     dev = torch.device(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -137,5 +133,7 @@ def evaluate_loader(
         model.train(was_training)
     if total == 0:
         size = len(loader) if isinstance(loader, Sized) else "?"
-        raise ValueError(f"the evaluation loader yielded no samples ({size} batches)")
+        raise ValueError(
+            f"the evaluation loader must yield at least one sample, got none ({size} batches)"
+        )
     return float(loss_sum) / total, int(correct) / total

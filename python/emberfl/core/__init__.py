@@ -5,18 +5,17 @@ selectors, partitioned datasets and the model/package helpers. Code written agai
 ``blazefl.core`` runs after changing the import to ``emberfl.core``.
 """
 
-from emberfl.core.client_trainer import (
-    BaseClientTrainer,
-    ProcessPoolClientTrainer,
-    ThreadPoolClientTrainer,
-    deliver_uplink,
-)
-from emberfl.core.context import ClientContext, current_client
+from emberfl.core.client_trainer import BaseClientTrainer, deliver_uplink
+from emberfl.core.context import ClientContext, client_scope, current_client
 from emberfl.core.errors import ClientError, ClientTimeoutError, WorkerCrashedError
+from emberfl.core.ipc import IPCMode, accept_ipc_mode
 from emberfl.core.model_selector import ModelSelector
 from emberfl.core.packages import PackageError, load_package, save_package
 from emberfl.core.partitioned_dataset import FilteredDataset, PartitionedDataset
+from emberfl.core.process_pool import ProcessPoolClientTrainer
+from emberfl.core.runtime import available_cpus
 from emberfl.core.server_handler import BaseServerHandler
+from emberfl.core.thread_pool import ThreadPoolClientTrainer
 from emberfl.core.utils import (
     SHMHandle,
     deserialize_model,
@@ -32,6 +31,7 @@ __all__ = [
     "ClientError",
     "ClientTimeoutError",
     "FilteredDataset",
+    "IPCMode",
     "ModelSelector",
     "PackageError",
     "PartitionedDataset",
@@ -39,6 +39,9 @@ __all__ = [
     "SHMHandle",
     "ThreadPoolClientTrainer",
     "WorkerCrashedError",
+    "accept_ipc_mode",
+    "available_cpus",
+    "client_scope",
     "current_client",
     "deliver_uplink",
     "deserialize_model",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from emberfl import reproducibility
 from emberfl.reproducibility import RNGSuite
 
-__all__ = ["ClientContext", "current_client"]
+__all__ = ["ClientContext", "client_scope", "current_client"]
 
 
 @dataclass

@@ -58,15 +58,21 @@ class ShareDir:
 
     The directory is always a new one owned by this object, even when ``base`` is
     given, so two trainers pointed at the same ``share_dir`` never collide and
-    :meth:`close` can remove everything it made.
+    :meth:`close` can remove everything it made. A ``base`` that does not exist yet
+    is created with its missing parents, as BlazeFL does; :meth:`close` removes those
+    directories again once they are empty, and never one that existed before.
     """
 
     def __init__(self, base: str | os.PathLike[str] | None = None) -> None:
+        # Deepest first, so that close() can remove them in this order.
+        self._made: list[Path] = []
         if base is not None:
-            base_path = Path(base)
-            if not base_path.is_dir():
-                raise FileNotFoundError(f"share_dir {os.fspath(base)!r} is not a directory")
-        self.path = Path(tempfile.mkdtemp(prefix="emberfl-", dir=base))
+            self._made = _make_dirs(Path(base))
+        try:
+            self.path = Path(tempfile.mkdtemp(prefix="emberfl-", dir=base))
+        except BaseException:
+            _remove_empty(self._made)
+            raise
         logger.debug("share dir %s created", self.path)
 
     def round_dir(self, round_index: int) -> Path:
@@ -83,6 +89,54 @@ class ShareDir:
         if self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
             logger.debug("share dir %s removed", self.path)
+        made, self._made = self._made, []
+        _remove_empty(made)
+
+
+def _make_dirs(base: Path) -> list[Path]:
+    """Create ``base`` and its missing parents; the ones this call made, deepest first.
+
+    Each level is made on its own, so a directory that another process creates at
+    the same moment is not counted as ours (and is therefore never removed).
+    """
+    missing: list[Path] = []
+    for directory in (base, *base.parents):
+        if directory.exists():
+            break
+        missing.append(directory)
+    if not missing and not base.is_dir():
+        raise NotADirectoryError(f"share_dir {os.fspath(base)!r} is not a directory")
+    made: list[Path] = []
+    try:
+        for directory in reversed(missing):
+            try:
+                directory.mkdir()
+            except FileExistsError:
+                if not directory.is_dir():
+                    raise NotADirectoryError(
+                        f"share_dir {os.fspath(base)!r}: {os.fspath(directory)!r} "
+                        "is not a directory"
+                    ) from None
+                continue
+            made.append(directory)
+    except BaseException:
+        _remove_empty(made[::-1])
+        raise
+    made.reverse()
+    return made
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove ``directories`` (deepest first) while they are empty.
+
+    Only empty ones go: whatever others put there stays, and once one is not empty
+    its parents cannot be either.
+    """
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            break
 
 
 class SharedFlag:

@@ -44,8 +44,13 @@ def process_tensors_in_object(obj: T, mode: Literal["move", "replace"], max_dept
     ``mode="move"`` calls ``share_memory_()`` on every tensor, in place, and returns
     ``obj`` itself. ``mode="replace"`` returns a copy of the structure in which every
     tensor is an :class:`SHMHandle`; the original is left untouched. Shared and
-    circular references are visited once. Containers deeper than ``max_depth`` are
-    left as they are.
+    circular references are visited once.
+
+    Depth counts as in BlazeFL: ``obj`` is at depth 0, the items of a list, tuple or
+    dict one deeper than it, and an object's attributes two deeper (its ``__dict__``
+    is a level of its own). Tensors down to depth ``max_depth`` are processed; a
+    container at depth ``max_depth`` is not entered, so everything below it is left
+    as it is (in "replace" mode, the very same objects).
     """
     if mode not in ("move", "replace"):
         raise ValueError(f"mode must be 'move' or 'replace', got {mode!r}")
@@ -108,9 +113,12 @@ def _replace_tensors(node: Any, depth_left: int, memo: dict[int, Any]) -> Any:
     if hasattr(node, "__dict__") and not isinstance(node, type):
         new_obj = copy.copy(node)
         memo[key] = new_obj
+        # The attributes sit two levels down: the object, then its __dict__.
+        if depth_left - 1 <= 0:
+            return new_obj
         for k, v in vars(node).items():
             # object.__setattr__ also works for frozen dataclasses.
-            object.__setattr__(new_obj, k, _replace_tensors(v, depth_left - 1, memo))
+            object.__setattr__(new_obj, k, _replace_tensors(v, depth_left - 2, memo))
         return new_obj
     memo[key] = node
     return node

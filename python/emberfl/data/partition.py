@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from emberfl.reproducibility import check_seed
+
 __all__ = [
     "PARTITION_NAMES",
     "Partition",
@@ -258,9 +260,9 @@ def _check_clients(num_clients: int, n: int) -> None:
 
 
 def _rng(seed: int) -> np.random.Generator:
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    return np.random.default_rng(int(seed))
+    # 64 bits: a partition seed only feeds numpy's generator, which takes wide seeds;
+    # the 32-bit limit of run seeds comes from the per-client streams.
+    return np.random.default_rng(check_seed(seed, "seed", bits=64))
 
 
 def _labels_or_n(labels_or_n: int | ArrayLike) -> tuple[int, IndexArray | None]:

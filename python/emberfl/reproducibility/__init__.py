@@ -8,7 +8,13 @@ states convert to tensors (:func:`rng_suite_state`, :func:`restore_rng_suite`) s
 they can be checkpointed in store files.
 """
 
-from emberfl.reproducibility.generator import RNGSuite, create_rng_suite, setup_reproducibility
+from emberfl.reproducibility.generator import (
+    RNGSuite,
+    check_client_id,
+    check_seed,
+    create_rng_suite,
+    setup_reproducibility,
+)
 from emberfl.reproducibility.snapshot import RandomStateSnapshot, seed_everything
 from emberfl.reproducibility.streams import (
     client_rng_suite,
@@ -21,6 +27,8 @@ from emberfl.reproducibility.streams import (
 __all__ = [
     "RNGSuite",
     "RandomStateSnapshot",
+    "check_client_id",
+    "check_seed",
     "client_rng_suite",
     "client_seed",
     "create_rng_suite",

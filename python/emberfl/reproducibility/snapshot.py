@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from emberfl.reproducibility.generator import _check_seed, setup_reproducibility
+from emberfl.reproducibility.generator import check_seed, setup_reproducibility
 
 __all__ = ["RandomStateSnapshot", "seed_everything"]
 
@@ -22,7 +22,7 @@ def seed_everything(seed: int) -> None:
     Also applies :func:`setup_reproducibility`. ``seed`` must fit in 32 bits because
     NumPy's legacy global generator accepts no more.
     """
-    _check_seed(seed, bits=32)
+    check_seed(seed)
     seed = int(seed)
     setup_reproducibility(seed)
     random.seed(seed)

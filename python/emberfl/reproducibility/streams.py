@@ -14,7 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from emberfl.reproducibility.generator import RNGSuite, _check_seed, create_rng_suite
+from emberfl.reproducibility.generator import (
+    RNGSuite,
+    check_client_id,
+    check_seed,
+    create_rng_suite,
+)
 
 __all__ = [
     "client_rng_suite",
@@ -37,9 +42,9 @@ def client_seed(seed: int, cid: int, round: int) -> int:
     SeedSequence's hashing turns them into unrelated seeds. 63 bits keep the result
     a valid non-negative int64 (torch, safetensors).
     """
-    _check_seed(seed, "seed", bits=32)
-    _check_seed(cid, "cid", bits=32)
-    _check_seed(round, "round", bits=32)
+    check_seed(seed)
+    check_client_id(cid, "cid")
+    check_seed(round, "round")
     sequence = np.random.SeedSequence([int(seed), int(cid), int(round)])
     word = sequence.generate_state(1, dtype=np.uint64)[0]
     return int(word) & _SEED_MASK

@@ -1,0 +1,420 @@
+"""FedAvg's server handler: client sampling, weighted averaging and evaluation.
+
+The uplinks are summed by the aggregation kernel directly on the tensors the
+workers' files map, in an :class:`~emberfl.streaming.StreamingSum` -- either a
+whole round's list in :meth:`~FedAvgBaseServerHandler.global_update` or one uplink
+at a time while the round runs (:meth:`~FedAvgBaseServerHandler.fold_uplink`),
+bitwise the same result -- and the mean is handed to
+:meth:`~FedAvgBaseServerHandler.apply_update` (FedOpt and SCAFFOLD override it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from emberfl.aggregate import NonFiniteError
+from emberfl.contrib.checks import check_positive_int
+from emberfl.contrib.fedavg.packages import (
+    FedAvgDownlinkPackage,
+    FedAvgPartitionedDataset,
+    FedAvgPartitionType,
+    FedAvgUplinkPackage,
+)
+from emberfl.contrib.training import evaluate_loader
+from emberfl.core import (
+    BaseServerHandler,
+    ModelSelector,
+    available_cpus,
+    deserialize_model,
+    serialize_model,
+)
+from emberfl.reproducibility import (
+    check_seed,
+    create_rng_suite,
+    restore_rng_suite,
+    rng_suite_state,
+)
+from emberfl.streaming import NonFiniteContribution, StreamingSum
+
+__all__ = ["FedAvgBaseServerHandler", "NonFinitePolicy"]
+
+# The module's historical name: logging configurations refer to it.
+logger = logging.getLogger("emberfl.contrib.fedavg")
+
+NonFinitePolicy = Literal["raise", "drop"]
+
+
+class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownlinkPackage]):
+    """The FedAvg server: samples clients, averages their models, evaluates.
+
+    Arguments are BlazeFL's; ``batch_size`` is the evaluation batch size. Extra
+    keyword arguments:
+
+    ``nonfinite``
+        ``"raise"`` (default): an uplink holding NaN or Inf makes
+        :meth:`global_update` raise :class:`~emberfl.aggregate.NonFiniteError` naming
+        the clients. ``"drop"``: such clients are left out of the average with a
+        warning (their ids are in :attr:`dropped`); when none is left the global
+        model stays as it was.
+    ``aggregation_threads``
+        Threads of the aggregation kernel (default: the CPUs available). The result
+        is bitwise the same for any count.
+
+    State that a checkpoint needs: ``model``, ``round`` and ``rng_suite`` (the
+    client sampler); :meth:`checkpoint_state` gathers it.
+
+    Memory: set ``trainer.on_uplink = handler.fold_uplink`` and every uplink is
+    folded into running sums while the round runs, its file deleted right after; the
+    round then holds a few uplinks at a time instead of all of them, with the same
+    result bit for bit.
+    """
+
+    def __init__(
+        self,
+        model_selector: ModelSelector[Any],
+        model_name: str,
+        dataset: FedAvgPartitionedDataset,
+        global_round: int,
+        num_clients: int,
+        sample_ratio: float,
+        device: str,
+        batch_size: int,
+        seed: int,
+        *,
+        nonfinite: NonFinitePolicy = "raise",
+        aggregation_threads: int | None = None,
+    ) -> None:
+        check_positive_int(global_round, "global_round")
+        check_positive_int(num_clients, "num_clients")
+        check_positive_int(batch_size, "batch_size")
+        if not (
+            isinstance(sample_ratio, int | float)
+            and not isinstance(sample_ratio, bool)
+            and 0 < sample_ratio <= 1
+        ):
+            raise ValueError(f"sample_ratio must be in the interval (0, 1], got {sample_ratio!r}")
+        num_clients_per_round = int(num_clients * sample_ratio)
+        if num_clients_per_round <= 0:
+            raise ValueError(
+                "sample_ratio selects zero clients per round; increase sample_ratio or "
+                f"num_clients (got num_clients={num_clients}, sample_ratio={sample_ratio})"
+            )
+        if nonfinite not in ("raise", "drop"):
+            raise ValueError(f"nonfinite must be 'raise' or 'drop', got {nonfinite!r}")
+        if aggregation_threads is None:
+            aggregation_threads = available_cpus()
+        check_positive_int(aggregation_threads, "aggregation_threads")
+
+        self.model = model_selector.select_model(model_name)
+        self.model_selector = model_selector
+        self.model_name = model_name
+        self.dataset = dataset
+        self.global_round = global_round
+        self.num_clients = num_clients
+        self.sample_ratio = sample_ratio
+        self.device = device
+        self.batch_size = batch_size
+        self.seed = check_seed(seed, "seed")
+        self.nonfinite: NonFinitePolicy = nonfinite
+        self.aggregation_threads = aggregation_threads
+
+        self.model.to(device)
+        self.client_buffer_cache: list[FedAvgUplinkPackage] = []
+        self.num_clients_per_round = num_clients_per_round
+        self.round = 0
+        self.dropped: list[int] = []
+        self.rng_suite = create_rng_suite(self.seed)
+        self.round_sums: list[torch.Tensor] = []
+        self._fold: _Fold | None = None
+
+    # -- BlazeFL's protocol ----------------------------------------------------
+
+    def sample_clients(self) -> list[int]:
+        """A sorted random sample of ``num_clients_per_round`` client ids."""
+        sampled = self.rng_suite.python.sample(range(self.num_clients), self.num_clients_per_round)
+        return sorted(sampled)
+
+    def is_stopped(self) -> bool:
+        """Whether ``global_round`` rounds have been aggregated."""
+        return self.round >= self.global_round
+
+    def load(self, payload: FedAvgUplinkPackage) -> bool:
+        """Buffer one uplink; aggregate once a whole round's worth has arrived."""
+        self.client_buffer_cache.append(payload)
+        if len(self.client_buffer_cache) < self.num_clients_per_round:
+            return False
+        buffer, self.client_buffer_cache = self.client_buffer_cache, []
+        self.global_update(buffer)
+        self.round += 1
+        return True
+
+    def downlink_package(self) -> FedAvgDownlinkPackage:
+        """The global model's state vector."""
+        return FedAvgDownlinkPackage(serialize_model(self.model))
+
+    def global_update(self, buffer: list[FedAvgUplinkPackage]) -> None:
+        """Average the uplinks' models (weighted by data size) and apply the result.
+
+        ``buffer`` holds either full uplinks or, all of them, the stand-ins that
+        :meth:`fold_uplink` returned for this round.
+        """
+        fold = self._take_fold(buffer)
+        if fold is None:
+            _refuse_stand_ins(buffer)
+            sums = self._new_sums()
+            folded = sums.add_many(
+                [self.uplink_terms(p) for p in buffer], labels=[p.cid for p in buffer]
+            )
+            self._check_skipped(sums)
+            kept = [p for p, ok in zip(buffer, folded, strict=True) if ok]
+        else:
+            sums, kept = fold.sums, fold.kept
+        self.dropped = [skip.label for skip in sums.skipped]
+        if self.dropped:
+            logger.warning(
+                "round %d: dropping %d client update(s) holding NaN or Inf (clients %s)",
+                self.round,
+                len(self.dropped),
+                self.dropped,
+            )
+        # Finite updates can still overflow when summed.
+        for name in sums.overflowed():
+            raise NonFiniteError(
+                f"round {self.round}: the sum of the {name} updates overflowed "
+                "(NaN or Inf); lower the learning rate"
+            )
+        self.round_sums = sums.sums
+        if not kept:
+            logger.warning(
+                "round %d: no usable client update (dropped: %s); the global model is unchanged",
+                self.round,
+                self.dropped,
+            )
+            return
+        if sums.totals[0] <= 0:
+            logger.warning(
+                "round %d: the sampled clients hold no data; the global model is unchanged",
+                self.round,
+            )
+            return
+        self.apply_update(sums.mean(sums.names[0]), kept)
+
+    def fold_uplink(self, index: int, package: FedAvgUplinkPackage) -> FedAvgUplinkPackage:
+        """Fold one uplink into this round's sums now; returns a tensor-free stand-in.
+
+        Meant as a client trainer's ``on_uplink`` hook, which calls it in client-list
+        order while the round runs (``index`` 0 starts a new round). The stand-in is
+        the package with its tensors replaced by ``meta`` tensors of the same shape
+        and dtype; hand the round's stand-ins to :meth:`load` / :meth:`global_update`
+        as usual. The result equals averaging the full uplinks bit for bit: the same
+        kernel adds the same products in the same order.
+
+        A non-finite update raises :class:`NonFiniteError` at once (the round stops)
+        or, with ``nonfinite="drop"``, is left out.
+        """
+        if index == 0 or self._fold is None:
+            self._fold = _Fold(self._new_sums())
+        fold = self._fold
+        folded = fold.sums.add(self.uplink_terms(package), label=package.cid)
+        self._check_skipped(fold.sums)
+        stand_in: FedAvgUplinkPackage = _stand_in(package)
+        if folded:
+            fold.kept.append(stand_in)
+        fold.seen.append(stand_in)
+        fold.ids.add(id(stand_in))
+        return stand_in
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Everything later rounds depend on, as CPU tensors for :func:`emberfl.store.save`.
+
+        The global model (``model.<name>``), the round counter (``round``) and the
+        client sampler's generators (``rng.*``). Subclasses add their own state
+        (optimizer moments, control variates) under prefixes of their own.
+        """
+        state: dict[str, torch.Tensor] = {
+            f"model.{k}": v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+        }
+        state["round"] = torch.tensor([self.round], dtype=torch.int64)
+        state.update(rng_suite_state(self.rng_suite, prefix="rng."))
+        return state
+
+    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Continue from a :meth:`checkpoint_state` (taken from a handler built the same way)."""
+        model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        self.model.load_state_dict(model_state, strict=True)
+        round_ = state.get("round")
+        if round_ is None or round_.numel() != 1:
+            raise ValueError("checkpoint state has no 'round' entry")
+        self.round = int(round_.item())
+        self.rng_suite = restore_rng_suite(dict(state), prefix="rng.")
+        self.client_buffer_cache = []
+        self._fold = None
+
+    # -- hooks -----------------------------------------------------------------
+
+    def uplink_terms(self, package: FedAvgUplinkPackage) -> list[tuple[str, torch.Tensor, float]]:
+        """What an uplink adds to the round: ``(name, vector, weight)`` terms.
+
+        Each is summed over the clients as ``sum_i weight_i * vector_i`` into
+        :attr:`round_sums` (in this order); the first one's weighted mean becomes the
+        update. FedAvg: the model, weighted by the client's data size.
+        """
+        return [("model", package.model_parameters, float(package.data_size))]
+
+    def apply_update(self, mean: torch.Tensor, buffer: list[FedAvgUplinkPackage]) -> None:
+        """Make the weighted mean of the clients' models the global model.
+
+        ``buffer`` holds the aggregated uplinks, or their stand-ins when they were
+        folded (:meth:`fold_uplink`); the sums of every term are in :attr:`round_sums`.
+        """
+        deserialize_model(self.model, mean)
+
+    # -- BlazeFL's helpers -----------------------------------------------------
+
+    @staticmethod
+    def aggregate(parameters_list: list[torch.Tensor], weights_list: list[int]) -> torch.Tensor:
+        """Weighted average of flat parameter vectors (BlazeFL's helper, on the Rust kernel).
+
+        Bitwise the same as the handler's own averaging of the same uplinks.
+        """
+        weights = [float(w) for w in weights_list]
+        if any(w < 0 for w in weights) or not sum(weights) > 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {weights_list!r}")
+        if len(parameters_list) != len(weights):
+            raise ValueError(
+                f"got {len(parameters_list)} parameter vectors and {len(weights)} weights"
+            )
+        sums = StreamingSum()
+        sums.add_many(
+            [[("parameters", p, w)] for p, w in zip(parameters_list, weights, strict=True)]
+        )
+        return sums.mean("parameters")
+
+    @staticmethod
+    def evaluate(
+        model: nn.Module, test_loader: DataLoader[Any], device: str
+    ) -> tuple[float, float]:
+        """Mean loss and accuracy of ``model`` over ``test_loader``.
+
+        Raises ``ValueError`` when the loader yields no sample: there is nothing to
+        average, and 0.0 would read as a real accuracy.
+        """
+        return evaluate_loader(model, test_loader, device)
+
+    def test_loader(self) -> DataLoader[Any]:
+        """A loader over the global test set.
+
+        It gets a generator of its own: the loader draws from it, and drawing from
+        the sampler's generator would make client sampling depend on how often the
+        model is evaluated.
+        """
+        return self.dataset.get_dataloader(
+            type_=FedAvgPartitionType.TEST,
+            cid=None,
+            batch_size=self.batch_size,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def get_summary(self) -> dict[str, float]:
+        """``server_acc`` and ``server_loss`` of the global model on the test set."""
+        loss, acc = self.evaluate(self.model, self.test_loader(), self.device)
+        return {"server_acc": acc, "server_loss": loss}
+
+    # -- machinery -------------------------------------------------------------
+
+    def _new_sums(self) -> StreamingSum:
+        # Always "skip": the handler words the error itself, naming round and clients.
+        return StreamingSum(nonfinite="skip", threads=self.aggregation_threads)
+
+    def _check_skipped(self, sums: StreamingSum) -> None:
+        """With ``nonfinite="raise"``, stop at the first uplink holding NaN or Inf."""
+        if self.nonfinite == "raise" and sums.skipped:
+            raise NonFiniteError(
+                f"round {self.round}: the {_term_names(sums.skipped)} updates of clients "
+                f"{[skip.label for skip in sums.skipped]} hold NaN or Inf; lower the learning "
+                "rate, or pass nonfinite='drop' to leave such clients out"
+            )
+
+    def _take_fold(self, buffer: list[FedAvgUplinkPackage]) -> _Fold | None:
+        """This round's fold when ``buffer`` is exactly its stand-ins, in order; None
+        when it holds no stand-in of this handler."""
+        fold = self._fold
+        if fold is None or not any(id(p) in fold.ids for p in buffer):
+            return None
+        self._fold = None
+        if len(buffer) != len(fold.seen) or any(
+            p is not q for p, q in zip(buffer, fold.seen, strict=True)
+        ):
+            raise ValueError(
+                f"global_update got {len(buffer)} uplinks mixing stand-ins of the "
+                f"{len(fold.seen)} folded by fold_uplink with others or in another order; "
+                "a round's uplinks must be either all folded or none"
+            )
+        return fold
+
+
+def _term_names(skipped: list[NonFiniteContribution]) -> str:
+    names: list[str] = []
+    for skip in skipped:
+        names.extend(name for name in skip.terms if name not in names)
+    return " and ".join(names)
+
+
+@dataclass
+class _Fold:
+    """One round's uplinks folded by :meth:`FedAvgBaseServerHandler.fold_uplink`."""
+
+    sums: StreamingSum
+    seen: list[Any] = field(default_factory=list)  # stand-ins handed out, in order
+    ids: set[int] = field(default_factory=set)  # their ids (kept alive by ``seen``)
+    kept: list[Any] = field(default_factory=list)  # stand-ins of the folded uplinks
+
+
+def _stand_in(package: Any) -> Any:
+    """``package`` with every tensor field replaced by a data-less ``meta`` tensor.
+
+    Shapes and dtypes stay (so sizes can still be reported); anything that tries to
+    read the values fails loudly instead of seeing stale numbers.
+    """
+    if not dataclasses.is_dataclass(package) or isinstance(package, type):
+        raise TypeError(f"fold_uplink needs a dataclass package, got {type(package).__name__}")
+    meta = {
+        f.name: torch.empty(value.shape, dtype=value.dtype, device="meta")
+        for f in dataclasses.fields(package)
+        if isinstance(value := getattr(package, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(package, **meta)
+
+
+def _is_stand_in(package: Any) -> bool:
+    """Whether ``package`` came out of :func:`_stand_in` (judged by its fields, without
+    calling the handler's hooks on data-less tensors)."""
+    return (
+        dataclasses.is_dataclass(package)
+        and not isinstance(package, type)
+        and any(
+            isinstance(value := getattr(package, f.name), torch.Tensor) and value.is_meta
+            for f in dataclasses.fields(package)
+        )
+    )
+
+
+def _refuse_stand_ins(buffer: list[FedAvgUplinkPackage]) -> None:
+    """Stand-ins carry no data: averaging them anywhere but in their own fold is a bug."""
+    for package in buffer:
+        if _is_stand_in(package):
+            raise ValueError(
+                f"the uplink of client {package.cid} is a stand-in that another handler's "
+                "fold_uplink returned (or one of an earlier round); hand each round's "
+                "stand-ins to the handler that folded them"
+            )

@@ -1,0 +1,281 @@
+"""The thread-pool client trainer: clients run in daemon threads of this process.
+
+The payload is shared as it is (no files) and uplinks are handed over in the order
+of ``cid_list`` as they arrive. The optional attributes it reads (``seed``,
+``progress``, ``client_timeout``, ``on_uplink``) are described in
+:mod:`emberfl.core.client_trainer`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from queue import SimpleQueue
+from typing import Any, Protocol, TypeVar
+
+from emberfl.core.client_trainer import (
+    BaseClientTrainer,
+    DownlinkPackage,
+    UplinkPackage,
+    _attach_runtime,
+    _attached_runtime,
+    _check_cids,
+    _client_device,
+    _next_round,
+    _overrides,
+    _Progress,
+    _read_parallels,
+    _read_seed,
+    _read_timeout,
+    _RoundCounter,
+    _shutdown_runtime,
+    deliver_uplink,
+)
+from emberfl.core.context import ClientContext, client_scope
+from emberfl.core.errors import ClientError, ClientTimeoutError
+
+__all__ = ["ThreadPoolClientTrainer"]
+
+_Self = TypeVar("_Self")
+
+
+class _ThreadRuntime:
+    """Daemon threads that run submitted calls (daemonic: Ctrl-C never waits on them)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.closed = False
+        self._queue: SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"emberfl-client-{i}", daemon=True)
+            for i in range(size)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._queue.put((future, fn))
+        return future
+
+    def close(self, graceful: bool = True, wait_s: float = 5.0) -> None:
+        """Stop the threads once they finish their current call.
+
+        ``graceful`` waits up to ``wait_s`` for them. Waiting matters at interpreter
+        exit: a thread that has run torch code and is still unwinding while the C++
+        runtime is torn down can abort the process.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        for _ in self._threads:
+            self._queue.put(None)
+        if not graceful:
+            return
+        deadline = time.monotonic() + wait_s
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _thread_runtime(trainer: object, size: int) -> _ThreadRuntime:
+    runtime = _attached_runtime(trainer, _ThreadRuntime)
+    if runtime is not None and runtime.size == size:
+        return runtime
+    return _attach_runtime(trainer, _ThreadRuntime(size))
+
+
+class ThreadPoolClientTrainer(
+    BaseClientTrainer[UplinkPackage, DownlinkPackage],
+    _RoundCounter,
+    Protocol[UplinkPackage, DownlinkPackage],
+):
+    """Runs clients in ``num_parallels`` threads of this process.
+
+    Subclasses define ``worker(self, cid, device, payload, stop_event)``. The payload
+    is shared as it is (no files). Uplinks are appended to ``cache`` in the order of
+    ``cid_list``.
+
+    Reproducibility: the global random generators are process-wide, so concurrent
+    clients would interleave their draws; this pool therefore never seeds them.
+    Client code that takes all its randomness from
+    ``emberfl.core.current_client().rng`` (e.g. a DataLoader with
+    ``generator=current_client().rng.torch_cpu``) gives results identical to the
+    process pool and to a serial run, whatever ``num_parallels`` is. Code that uses
+    global random state (``torch.randn`` without a generator, dropout, ...) is
+    reproducible in the process pool but not here.
+
+    Optional attributes: ``seed``, ``progress``, ``client_timeout``, ``on_uplink``
+    (see :mod:`emberfl.core.client_trainer`).
+    """
+
+    num_parallels: int
+    device: str
+    device_count: int
+    cache: list[UplinkPackage]
+    stop_event: threading.Event
+
+    def progress_fn(self, it: list[Future[UplinkPackage]]) -> Iterable[Future[UplinkPackage]]:
+        """Wraps the per-client futures; override to show your own progress."""
+        return it
+
+    def worker(
+        self, cid: int, device: str, payload: DownlinkPackage, stop_event: threading.Event
+    ) -> UplinkPackage:
+        """Train client ``cid`` in a worker thread and return its uplink package."""
+        raise NotImplementedError(f"{type(self).__name__} must implement worker")
+
+    def get_client_device(self, cid: int) -> str:
+        """The device client ``cid`` runs on: ``cuda:{cid % device_count}`` for "cuda"."""
+        return _client_device(self, cid)
+
+    def shutdown(self) -> None:
+        """Stop the worker threads (they finish the client they are running)."""
+        _shutdown_runtime(self)
+
+    def close(self) -> None:
+        """Same as :meth:`shutdown`."""
+        self.shutdown()
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def local_process(self, payload: DownlinkPackage, cid_list: list[int]) -> None:
+        """Run every client of ``cid_list`` in the thread pool; append uplinks in order.
+
+        Raises :class:`ClientError` (with the thread's traceback) when a client raises;
+        the clients still running finish first, as in BlazeFL, and the pending ones
+        are dropped.
+        """
+        cids = _check_cids(cid_list)
+        parallels = _read_parallels(self, minimum=1)
+        seed = _read_seed(self)
+        timeout = _read_timeout(self)
+        if getattr(self, "cache", None) is None:
+            self.cache = []
+        stop_event = getattr(self, "stop_event", None)
+        if stop_event is None:
+            stop_event = threading.Event()
+            self.stop_event = stop_event
+        runtime = _thread_runtime(self, parallels)
+        round_index = _next_round(self)
+        stop_event.clear()
+
+        watch = _RoundWatch(cids, timeout, stop_event)
+
+        def job(index: int, cid: int, device: str) -> UplinkPackage:
+            watch.running[index] = time.monotonic()
+            ctx = ClientContext(cid=cid, round=round_index, seed=seed, device=device)
+            try:
+                with client_scope(ctx):
+                    return self.worker(cid, device, payload, stop_event)
+            except BaseException:
+                watch.failed.append(index)
+                raise
+            finally:
+                watch.finished[index] = time.monotonic() - watch.running.pop(index)
+
+        futures: list[Future[UplinkPackage]] = []
+        custom_progress = _overrides(self, ThreadPoolClientTrainer, "progress_fn")
+        bar = _Progress(
+            len(cids), round_index, bool(getattr(self, "progress", True)) and not custom_progress
+        )
+        failure: BaseException | None = None
+        results: list[UplinkPackage] = []
+        try:
+            for index, cid in enumerate(cids):
+                device = self.get_client_device(cid)
+                futures.append(runtime.submit(functools.partial(job, index, cid, device)))
+            if custom_progress:
+                for future in self.progress_fn(futures):
+                    watch.wait(future, futures)
+            for index, future in enumerate(futures):
+                watch.wait(future, futures)
+                results.append(deliver_uplink(self, index, future.result()))
+                # Without this the future would keep the package alive all round.
+                futures[index] = _TAKEN
+                if not custom_progress:
+                    bar.done(watch.finished.get(index, 0.0))
+            self.cache.extend(results)
+        except BaseException as exc:
+            failure = exc
+            # The error's traceback keeps this frame alive while the caller keeps the
+            # error; the uplinks handed over so far should not live that long.
+            results.clear()
+            raise
+        finally:
+            stop_event.set()
+            bar.close()
+            if failure is not None:
+                for future in futures:
+                    future.cancel()
+            if type(failure) is ClientError:
+                # As BlazeFL's executor shutdown: let the running clients (which now
+                # see stop_event set) finish before returning. Not after a timeout or
+                # Ctrl-C, where waiting is what must not happen.
+                for future in futures:
+                    with contextlib.suppress(BaseException):
+                        future.exception(timeout=None)
+
+
+_TAKEN: Future[Any] = Future()
+_TAKEN.set_result(None)
+
+
+class _RoundWatch:
+    """Failures, running clients and their start times, shared with the worker threads.
+
+    Waiting on one future checks these in O(running clients), so a round of
+    thousands of clients is not slowed by polling every future.
+    """
+
+    def __init__(self, cids: list[int], timeout: float | None, stop_event: threading.Event) -> None:
+        self.cids = cids
+        self.timeout = timeout
+        self.stop_event = stop_event
+        self.failed: list[int] = []  # appended by worker threads (atomic)
+        self.running: dict[int, float] = {}
+        self.finished: dict[int, float] = {}
+
+    def wait(self, future: Future[Any], futures: list[Future[Any]]) -> None:
+        while True:
+            if self.failed:
+                index = self.failed[0]
+                exc = futures[index].exception()  # set right after the thread records it
+                assert exc is not None
+                tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                cid = self.cids[index]
+                raise ClientError(cid, f"{type(exc).__qualname__}: {exc}", tb) from exc
+            if self.timeout is not None:
+                now = time.monotonic()
+                for index, t0 in list(self.running.items()):
+                    if now - t0 > self.timeout:
+                        self.stop_event.set()
+                        raise ClientTimeoutError(
+                            self.cids[index], f"ran longer than client_timeout={self.timeout:g} s"
+                        )
+            if future.done():
+                return
+            concurrent.futures.wait([future], timeout=0.2)

@@ -1,0 +1,250 @@
+"""Crash-safe file publishing: atomic writes, directory publishing and umask-true modes.
+
+Every file a run publishes is written to a temporary file next to its target (a
+unique ``.<name>.<random>.tmp``, so concurrent writers never share one), optionally
+fsynced, given the mode the process umask gives a plain ``open(path, "w")`` and only
+then renamed over the target: a reader sees the old file or the new one, never half
+of one. A failure of any kind (``KeyboardInterrupt`` included) removes the temporary
+file. :func:`publish_dir` does the same for a directory built in a temporary one.
+
+This module is the bottom layer of the package: it imports nothing from emberfl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, Literal, overload
+
+__all__ = [
+    "TEMP_SUFFIX",
+    "atomic_copy",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "current_umask",
+    "dir_mode",
+    "file_mode",
+    "fsync_dir",
+    "fsync_file",
+    "is_temp_name",
+    "make_temp_dir",
+    "publish_dir",
+]
+
+#: Suffix of every temporary file and directory made here; names also start with ".".
+TEMP_SUFFIX = ".tmp"
+
+_PROC_STATUS = "/proc/self/status"
+_fallback_lock = threading.Lock()
+_fallback_umask: int | None = None
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it.
+
+    ``os.umask`` can only be read by setting it, which races with threads creating
+    files at that moment; Linux shows it in ``/proc/self/status`` instead. Elsewhere
+    the set-and-restore is done once, under a lock, and its result reused.
+    """
+    global _fallback_umask
+    try:
+        with open(_PROC_STATUS, encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _fallback_lock:
+        if _fallback_umask is None:
+            mask = os.umask(0o022)
+            os.umask(mask)
+            _fallback_umask = mask
+        return _fallback_umask
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file under the current umask."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir`` gives a new directory under the current umask."""
+    return 0o777 & ~current_umask()
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary file or directory made by this module."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush ``path``'s data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush ``path``'s entries (a rename or new file in it) to the disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@overload
+def atomic_open(
+    path: str | os.PathLike[str],
+    mode: Literal["wb"] = "wb",
+    *,
+    durable: bool = False,
+    encoding: None = None,
+    newline: None = None,
+) -> contextlib.AbstractContextManager[IO[bytes]]: ...
+
+
+@overload
+def atomic_open(
+    path: str | os.PathLike[str],
+    mode: Literal["w"],
+    *,
+    durable: bool = False,
+    encoding: str = "utf-8",
+    newline: str | None = None,
+) -> contextlib.AbstractContextManager[IO[str]]: ...
+
+
+def atomic_open(
+    path: str | os.PathLike[str],
+    mode: Literal["w", "wb"] = "wb",
+    *,
+    durable: bool = False,
+    encoding: str | None = None,
+    newline: str | None = None,
+) -> contextlib.AbstractContextManager[IO[Any]]:
+    """A file to write whose contents replace ``path`` when the ``with`` block ends.
+
+    ``mode`` is ``"wb"`` or ``"w"`` (text, ``encoding`` default UTF-8). ``durable=True``
+    fsyncs the file before the rename and the directory after it, so the new contents
+    survive a power cut once the block has ended. If the block raises, ``path`` is
+    left as it was and the temporary file is removed.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+    if mode == "wb" and (encoding is not None or newline is not None):
+        raise ValueError("encoding and newline apply to text mode ('w') only")
+    return _atomic_open(Path(path), mode, durable, encoding or "utf-8", newline)
+
+
+@contextlib.contextmanager
+def _atomic_open(
+    target: Path, mode: str, durable: bool, encoding: str, newline: str | None
+) -> Iterator[IO[Any]]:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    try:
+        try:
+            # mkstemp makes the file 0600; a published file gets what the umask allows.
+            os.fchmod(fd, file_mode())
+            if mode == "wb":
+                fh: IO[Any] = os.fdopen(fd, "wb")
+            else:
+                fh = os.fdopen(fd, "w", encoding=encoding, newline=newline)
+        except BaseException:
+            os.close(fd)  # not yet owned by a file object
+            raise
+        with fh:
+            yield fh
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = False) -> Path:
+    """Replace ``path`` with ``data`` atomically (see :func:`atomic_open`); returns it."""
+    with atomic_open(path, "wb", durable=durable) as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def atomic_write_text(
+    path: str | os.PathLike[str],
+    text: str,
+    *,
+    durable: bool = False,
+    encoding: str = "utf-8",
+) -> Path:
+    """Replace ``path`` with ``text`` atomically (see :func:`atomic_open`); returns it."""
+    with atomic_open(path, "w", durable=durable, encoding=encoding, newline="") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def atomic_copy(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, durable: bool = False
+) -> Path:
+    """Replace ``dst`` with a copy of ``src`` atomically (see :func:`atomic_open`)."""
+    with open(src, "rb") as source, atomic_open(dst, "wb", durable=durable) as fh:
+        shutil.copyfileobj(source, fh)
+    return Path(dst)
+
+
+def make_temp_dir(parent: str | os.PathLike[str], name: str) -> Path:
+    """A new, uniquely named, empty temporary directory ``<parent>/.<name>.<random>.tmp``.
+
+    Build a directory's contents in it, then :func:`publish_dir` it.
+    """
+    return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=TEMP_SUFFIX, dir=parent))
+
+
+def publish_dir(
+    source: str | os.PathLike[str], target: str | os.PathLike[str], *, durable: bool = False
+) -> Path:
+    """Rename the directory ``source`` (see :func:`make_temp_dir`) to ``target``.
+
+    ``source`` gets the mode ``mkdir`` would give it. An existing ``target`` is
+    replaced: it is first moved into a temporary directory, removed once ``source``
+    is in place, so a crash leaves either of them at ``target`` and the other under a
+    temporary name. ``durable=True`` fsyncs ``source`` before the rename and the
+    parent directory after it (the files in ``source`` are the caller's to fsync).
+    On failure ``source`` is removed.
+    """
+    src, dst = Path(source), Path(target)
+    old: Path | None = None
+    try:
+        os.chmod(src, dir_mode())
+        if durable:
+            fsync_dir(src)
+        if dst.exists() or dst.is_symlink():
+            old = make_temp_dir(dst.parent, f"{dst.name}.old")
+            os.replace(dst, old / dst.name)
+        os.rename(src, dst)
+    except BaseException:
+        shutil.rmtree(src, ignore_errors=True)
+        if old is not None and not dst.exists():
+            # Put the previous directory back; if even that fails it stays under its
+            # temporary name, for the caller's clean-up of leftovers to find.
+            with contextlib.suppress(OSError):
+                os.replace(old / dst.name, dst)
+        if old is not None and not (old / dst.name).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    if durable:
+        fsync_dir(dst.parent)
+    return dst

@@ -1,0 +1,66 @@
+"""Fixtures shared by the test modules.
+
+Real MNIST is read from the directory in ``EMBERFL_MNIST_DIR`` (IDX files, ``.gz`` or
+not); ``.ci/run`` points it at the project's shared data. Where it is unset the tests
+that need the real data skip with one line saying so; the loaders and partitioners
+keep tests of their own on small files the tests write themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from emberfl import store
+
+MNIST_ENV = "EMBERFL_MNIST_DIR"
+
+
+@pytest.fixture(autouse=True)
+def restore_threads() -> Iterator[None]:
+    """Restore torch's intra-op thread count after each test (runs change it)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test. Bitwise comparisons need the same intra-op thread
+    count on every path (reductions split over threads round differently), and one thread
+    keeps tiny models from oversubscribing a busy machine. Modules that compare bits use
+    it for every test: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST directory, or a skip naming the variable to set."""
+    where = os.environ.get(MNIST_ENV)
+    if not where:
+        pytest.skip(f"set {MNIST_ENV} to a directory of the MNIST IDX files to run this")
+    path = Path(where)
+    if not path.is_dir():
+        pytest.fail(f"{MNIST_ENV}={where} is not a directory")
+    return path
+
+
+def _model_bytes(run_dir: Path) -> dict[str, bytes]:
+    tensors = store.load(run_dir / "model.safetensors")
+    return {k: v.contiguous().view(torch.uint8).numpy().tobytes() for k, v in tensors.items()}
+
+
+@pytest.fixture
+def model_bytes() -> Callable[[Path], dict[str, bytes]]:
+    """``model_bytes(run_dir)``: the final model of a run as raw bytes per tensor, for
+    bitwise comparisons of runs (a resumed one against an uninterrupted one)."""
+    return _model_bytes
