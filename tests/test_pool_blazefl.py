@@ -324,6 +324,7 @@ def run_pipeline(trainer: Any, handler: FedAvgServerHandler) -> list[list[int]]:
     return rounds
 
 
+@pytest.mark.slow
 def test_blazefl_style_trainers_run_unchanged_and_agree() -> None:
     dataset = ToyPartitionedDataset(num_clients=6)
     shm_trainer = FedAvgProcessPoolClientTrainer(dataset, seed=3, num_parallels=2)

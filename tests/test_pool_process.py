@@ -475,6 +475,7 @@ def _assert_all_gone(pids: list[int]) -> None:
     assert alive == [], f"orphans left: {alive}"
 
 
+@pytest.mark.slow
 def test_interpreter_exit_without_close_cleans_up(tmp_path: Path) -> None:
     proc, share, pids = _run_script(tmp_path, interrupt=False)
     out, err = proc.communicate(timeout=120)
@@ -485,6 +486,7 @@ def test_interpreter_exit_without_close_cleans_up(tmp_path: Path) -> None:
     _assert_all_gone(pids)
 
 
+@pytest.mark.slow
 def test_sigint_stops_everything_within_five_seconds(tmp_path: Path) -> None:
     proc, share, pids = _run_script(tmp_path, interrupt=True)
     try:

@@ -151,6 +151,7 @@ def process_trainers() -> Iterator[dict[int, ProcessTrainer]]:
         t.close()
 
 
+@pytest.mark.slow
 def test_final_model_is_bitwise_identical_however_clients_are_scheduled(
     process_trainers: dict[int, ProcessTrainer],
 ) -> None:

@@ -234,6 +234,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_a_script_using_the_thread_pool_exits_cleanly(tmp_path: Path) -> None:
     script = tmp_path / "script.py"
     script.write_text(_EXIT_SCRIPT)

@@ -20,6 +20,10 @@ store once (:meth:`DatasetStore.open` caches per directory); a
 :class:`StorePartitionedDataset` pickles as its directory and a few settings, and the
 :class:`~emberfl.data.MappedArrayDataset` objects it hands out as their directory,
 split and indices, so tasks sent to workers never carry data.
+
+Its ~600 lines are one concept, the store's on-disk format: writing it, validating it
+on open (ids, offsets, index ranges) and serving its partitions; the datasets and
+loaders over mapped arrays are :mod:`emberfl.data.mapped`.
 """
 
 from __future__ import annotations
