@@ -51,7 +51,7 @@ def test_pickles_as_its_path(tmp_path: Path) -> None:
 
 def test_bad_ids_and_paths(tmp_path: Path) -> None:
     states = ClientStateStore(tmp_path / "s")
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match=r"client id must be an int in \[0, 2\*\*32\), got -1"):
         states.path(-1)
     with pytest.raises(TypeError, match="bool"):
         states.path(True)

@@ -26,6 +26,7 @@ from emberfl.contrib.registry import ALGORITHMS, RUNTIMES
 from emberfl.core import available_cpus
 from emberfl.data import DATASET_NAMES
 from emberfl.models import MODEL_NAMES
+from emberfl.reproducibility import check_seed
 
 __all__ = [
     "ALGORITHMS",
@@ -195,8 +196,10 @@ class SimulationConfig:
         _at_least("workers", self.workers, 1 if self.runtime == "thread" else 0)
         if self.threads is not None:
             _at_least("threads", self.threads, 1)
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"seed must lie in [0, 2**32), got {self.seed}")
+        try:
+            check_seed(self.seed)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
         if not 0 < self.sample_ratio <= 1:
             raise ConfigError(f"sample_ratio must lie in (0, 1], got {self.sample_ratio}")
         if self.clients_per_round < 1:

@@ -10,7 +10,6 @@ old or the new state of a client, never a torn file.
 
 from __future__ import annotations
 
-import operator
 import os
 import re
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from emberfl import store
+from emberfl.reproducibility import check_client_id
 
 __all__ = ["ClientStateStore"]
 
@@ -41,26 +41,16 @@ class ClientStateStore:
             raise NotADirectoryError(f"client state directory {self.root} is not a directory")
         self.root.mkdir(parents=True, exist_ok=True)
 
-    @staticmethod
-    def _cid(cid: int) -> int:
-        if isinstance(cid, bool):
-            raise TypeError("client id must be an int, got bool")
-        try:
-            c = operator.index(cid)
-        except TypeError:
-            raise TypeError(f"client id must be an int, got {type(cid).__name__}") from None
-        if c < 0:
-            raise ValueError(f"client id must be >= 0, got {c}")
-        return c
-
     def path(self, cid: int) -> Path:
         """The file that holds client ``cid``'s state (it may not exist yet)."""
-        return self.root / f"{self._cid(cid)}.safetensors"
+        return self.root / f"{check_client_id(cid)}.safetensors"
 
     def __contains__(self, cid: object) -> bool:
-        if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
+        try:
+            valid = check_client_id(cid)
+        except (TypeError, ValueError):
             return False
-        return self.path(cid).is_file()
+        return self.path(valid).is_file()
 
     def load(self, cid: int) -> dict[str, torch.Tensor] | None:
         """Client ``cid``'s tensors, or ``None`` when it has no state yet.

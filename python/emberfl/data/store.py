@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 import os
 import re
 import threading
@@ -56,6 +55,7 @@ from emberfl.data.mapped import (
     _check_range,
     _is_integer_dtype,
 )
+from emberfl.reproducibility import check_client_id
 
 __all__ = [
     "FORMAT",
@@ -425,13 +425,8 @@ class DatasetStore:
     def client_indices(self, type_: str, cid: int) -> torch.Tensor:
         """Client ``cid``'s indices into the split of ``type_``: a view of the manifest."""
         part = self._partition(type_)
-        if isinstance(cid, bool):
-            raise TypeError("cid must be an int, got bool")
-        try:
-            c = operator.index(cid)
-        except TypeError:
-            raise TypeError(f"cid must be an int or None, got {type(cid).__name__}") from None
-        if not 0 <= c < part.num_clients:
+        c = check_client_id(cid, "cid")
+        if c >= part.num_clients:
             raise IndexError(
                 f"client id {c} is out of range for partition {_type_key(type_)!r} "
                 f"with {part.num_clients} clients"
@@ -515,14 +510,7 @@ class StorePartitionedDataset:
 
     @staticmethod
     def _cid(cid: object) -> int | None:
-        if cid is None:
-            return None
-        if isinstance(cid, bool):
-            raise TypeError("cid must be an int or None, got bool")
-        try:
-            return operator.index(cid)  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError(f"cid must be an int or None, got {type(cid).__name__}") from None
+        return None if cid is None else check_client_id(cid, "cid")
 
     def get_dataset(self, type_: str, cid: int | None) -> Dataset[Any]:
         key = (_type_key(type_), self._cid(cid))

@@ -29,7 +29,9 @@ def check_seed(seed: object, what: str = "seed", bits: int = 32) -> int:
     :class:`ValueError` for an integer out of range, both naming ``what``.
     """
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"{what} must be an int in [0, 2**{bits}), got {seed!r}")
+        raise TypeError(
+            f"{what} must be an int in [0, 2**{bits}), got {seed!r} ({type(seed).__name__})"
+        )
     if not 0 <= int(seed) < 2**bits:
         raise ValueError(f"{what} must be an int in [0, 2**{bits}), got {seed!r}")
     return int(seed)
