@@ -3,7 +3,7 @@
 FedAvg over CIFAR-10-shaped synthetic data (uint8 3x32x32, 10 classes, generated
 with a fixed seed), all clients in every round, SGD, for two models (the PyTorch
 tutorial CIFAR CNN and a ResNet-18) and two regimes (one local batch per client, where
-framework overhead dominates, and one local epoch). Four ways to run the same work:
+framework overhead dominates, and one local epoch). Six ways to run the same work:
 
 ``emberfl-process``  ProcessPoolClientTrainer, ``--workers`` worker processes
 ``emberfl-thread``   ThreadPoolClientTrainer, ``--workers`` threads, 1 torch thread
@@ -12,8 +12,32 @@ framework overhead dominates, and one local epoch). Four ways to run the same wo
 ``parallel-floor``   the clients split evenly over ``--workers`` plain processes with
                      1 torch thread each, each training its share with no
                      communication at all; a round takes the slowest one's time
+``blazefl-process``  BlazeFL 2.0's FedAvgProcessPoolClientTrainer (shared-memory IPC,
+                     ``--workers`` processes) with its FedAvgBaseServerHandler
+``blazefl-thread``   BlazeFL 2.0's FedAvgThreadPoolClientTrainer, ``--workers``
+                     threads, 1 torch thread, with its FedAvgBaseServerHandler
 
 Both emberfl pools fold each uplink into the average as it arrives (``on_uplink``).
+
+The BlazeFL rows run only when ``blazefl`` (2.0.x, ``pip install "blazefl[contrib]==2.0.3"``)
+is importable; otherwise they are skipped with one printed line. BlazeFL's trainers and
+server handler run unchanged, driven the way its quickstart drives them (handler's
+``downlink_package``, trainer's ``local_process`` and ``uplink_package``, handler's
+``load``); the report supplies only what BlazeFL leaves to the user, its model selector
+and partitioned dataset. They do the same work as the other rows: the same model (from
+the same seed), the same clients' samples read from the same mapped store file, and the
+same batches in the same order -- the dataset ignores the generator BlazeFL passes and
+shuffles from (seed, client id, round) as ``client_update`` does, each loader item is
+one whole batch gathered and scaled as there, one batch per client in the ``batch``
+regime and ``samples // batch`` in the ``epoch`` one, 1 local epoch, the same lr. What
+differs is BlazeFL's own client code, kept as it is: it steps ``torch.optim.SGD`` (the
+same update as ``sgd_step``, but building the optimizer costs each fresh process a
+one-off import of torch's compiler stack, and the process pool's workers are fresh every
+round), it builds a new model for every client (``select_model``), saves each client's
+random-generator state to a file every round (process pool), shows tqdm bars (written to
+the child's captured stderr), and averages with torch on the server. Its worker
+processes get emberfl's default torch thread count (cpus // ``--workers``), set by the
+selector in the worker; BlazeFL itself leaves torch's default (one thread per core).
 
 Every run is a fresh subprocess, sampled every 50 ms for the RSS and PSS of its whole
 process tree (RSS counts pages of shared file mappings once per process; PSS shares
@@ -60,7 +84,15 @@ from emberfl.models import create_model
 
 MODELS = {"cnn": "cifar_cnn", "resnet18": "resnet18"}
 REGIMES = ("batch", "epoch")
-IMPLS = ("emberfl-process", "emberfl-thread", "serial-floor", "parallel-floor")
+IMPLS = (
+    "emberfl-process",
+    "emberfl-thread",
+    "serial-floor",
+    "parallel-floor",
+    "blazefl-process",
+    "blazefl-thread",
+)
+BLAZEFL_IMPLS = ("blazefl-process", "blazefl-thread")
 IN_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
 
@@ -257,6 +289,144 @@ def run_parallel_floor(setup: Setup, clients: int, rounds: int, workers: int) ->
     return [max(r[i] for r in results) for i in range(rounds)]
 
 
+# ------------------------------------------------------------- BlazeFL (optional)
+
+
+def blazefl_missing() -> str | None:
+    """Why the BlazeFL rows cannot run here, or None when they can."""
+    try:
+        from blazefl.contrib import FedAvgProcessPoolClientTrainer  # noqa: F401
+        from blazefl.core import IPCMode  # noqa: F401
+    except ImportError as exc:
+        return f"blazefl 2.0 is not importable ({exc})"
+    return None
+
+
+class BlazeModelSelector:
+    """BlazeFL's ModelSelector: a new model from the report's seed at every call, as in
+    BlazeFL's quickstart. BlazeFL calls it in the pool's worker before training, so
+    it also gives a worker process its torch thread count."""
+
+    def __init__(self, worker_threads: int) -> None:
+        self.worker_threads = worker_threads
+
+    def select_model(self, model_name: str) -> torch.nn.Module:
+        if mp.parent_process() is not None and torch.get_num_threads() != self.worker_threads:
+            torch.set_num_threads(self.worker_threads)
+        return create_model(model_name, IN_SHAPE, NUM_CLASSES, seed=0)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """One client's samples; an item is a whole batch, gathered and scaled as in
+    ``client_update``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[idx].float().div_(255.0), self.y[idx]
+
+
+class BlazeDataset:
+    """BlazeFL's PartitionedDataset over the report's store file. It pickles as the
+    setup and the round (BlazeFL sends it to the workers with every client's config);
+    the driver sets ``round`` before each round, so the batches are those of
+    ``client_update`` for (seed, client id, round)."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+        self.round = 0
+
+    def get_dataset(self, type_: str, cid: int | None) -> torch.utils.data.Dataset:
+        assert cid is not None, "the report has no test split"
+        x_all, y_all = _data(self.setup.data)
+        lo = cid * self.setup.samples
+        return _Batches(x_all[lo : lo + self.setup.samples], y_all[lo : lo + self.setup.samples])
+
+    def set_dataset(self, type_: str, cid: int | None, dataset: torch.utils.data.Dataset) -> None:
+        pass  # stateless: every round reads the same mapped samples
+
+    def get_dataloader(
+        self, type_: str, cid: int | None, batch_size: int | None, generator: Any
+    ) -> torch.utils.data.DataLoader:
+        assert cid is not None and batch_size is not None
+        setup = self.setup
+        seed = reproducibility.client_seed(setup.seed, cid, self.round)
+        order = torch.randperm(setup.samples, generator=torch.Generator().manual_seed(seed))
+        steps = 1 if setup.regime == "batch" else setup.samples // batch_size
+        batches = [order[step * batch_size : (step + 1) * batch_size] for step in range(steps)]
+        # batch_size=None: the sampler yields whole batches and nothing is collated.
+        return torch.utils.data.DataLoader(
+            self.get_dataset(type_, cid), batch_size=None, sampler=batches
+        )
+
+
+def blazefl_fedavg(
+    setup: Setup, impl: str, clients: int, rounds: int, workers: int, scratch: Path
+) -> tuple[list[float], torch.Tensor]:
+    """FedAvg with BlazeFL's trainer ``impl`` and server handler, driven as in its
+    quickstart; returns the round times and the final global parameters."""
+    from blazefl.contrib import (
+        FedAvgBaseServerHandler,
+        FedAvgProcessPoolClientTrainer,
+        FedAvgThreadPoolClientTrainer,
+    )
+    from blazefl.core import IPCMode
+
+    dataset = BlazeDataset(setup)
+    times = []
+    start = time.perf_counter()
+    common = {
+        "model_selector": BlazeModelSelector(max(1, (os.cpu_count() or 1) // workers)),
+        "model_name": setup.model,
+        "dataset": dataset,
+        "device": "cpu",
+        "num_clients": clients,
+        "batch_size": setup.batch,
+        "seed": setup.seed,
+    }
+    handler = FedAvgBaseServerHandler(global_round=rounds, sample_ratio=1.0, **common)
+    trainer: Any
+    if impl == "blazefl-process":
+        trainer = FedAvgProcessPoolClientTrainer(
+            share_dir=scratch / "share",
+            state_dir=scratch / "state",
+            epochs=1,
+            lr=setup.lr,
+            num_parallels=workers,
+            ipc_mode=IPCMode.SHARED_MEMORY,
+            **common,
+        )
+    else:
+        trainer = FedAvgThreadPoolClientTrainer(
+            epochs=1, lr=setup.lr, num_parallels=workers, **common
+        )
+    while not handler.if_stop():
+        dataset.round = handler.round
+        trainer.local_process(handler.downlink_package(), handler.sample_clients())
+        for package in trainer.uplink_package():
+            handler.load(package)
+        now = time.perf_counter()
+        times.append(now - start)
+        start = now
+    return times, serialize_model(handler.model)
+
+
+def run_blazefl(
+    setup: Setup, impl: str, clients: int, rounds: int, workers: int, start_method: str
+) -> list[float]:
+    import torch.multiprocessing as torch_mp
+
+    torch_mp.set_start_method(start_method)  # BlazeFL's pool uses the default context
+    if impl == "blazefl-thread":
+        torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="emberfl-e2e-blazefl-") as scratch:
+        return blazefl_fedavg(setup, impl, clients, rounds, workers, Path(scratch))[0]
+
+
 def child_main(args: argparse.Namespace) -> None:
     setup = Setup(
         data=args.data,
@@ -270,6 +440,8 @@ def child_main(args: argparse.Namespace) -> None:
     impl = args.child
     if impl.startswith("emberfl"):
         times = run_emberfl(setup, impl, args.clients, args.rounds, args.workers, args.start_method)
+    elif impl.startswith("blazefl"):
+        times = run_blazefl(setup, impl, args.clients, args.rounds, args.workers, args.start_method)
     elif impl.startswith("serial-floor"):
         times = run_serial(setup, args.clients, args.rounds, int(impl.rsplit("-", 1)[1][0]))
     else:
@@ -415,7 +587,7 @@ def main() -> None:
         "--start-method",
         default="spawn",
         choices=("spawn", "forkserver"),
-        help="how emberfl-process starts its workers",
+        help="how emberfl-process and blazefl-process start their workers",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -439,6 +611,15 @@ def main() -> None:
     for i in impls:
         if i not in IMPLS:
             parser.error(f"unknown implementation {i!r}; choose from {', '.join(IMPLS)}")
+    blazefl = [i for i in impls if i in BLAZEFL_IMPLS]
+    why_not = blazefl_missing() if blazefl else None
+    if why_not:
+        print(f"# skipped {', '.join(blazefl)}: {why_not}", flush=True)
+        impls = [i for i in impls if i not in BLAZEFL_IMPLS]
+    elif blazefl:
+        from importlib.metadata import version
+
+        print(f"# blazefl {version('blazefl')}", flush=True)
 
     print(
         f"# {args.clients} clients x {args.samples} samples, {args.rounds} rounds, batch "
