@@ -19,25 +19,27 @@ framework overhead dominates, and one local epoch). Six ways to run the same wor
 
 Both emberfl pools fold each uplink into the average as it arrives (``on_uplink``).
 
-The BlazeFL rows run only when ``blazefl`` (2.0.x, ``pip install "blazefl[contrib]==2.0.3"``)
-is importable; otherwise they are skipped with one printed line. BlazeFL's trainers and
-server handler run unchanged, driven the way its quickstart drives them (handler's
-``downlink_package``, trainer's ``local_process`` and ``uplink_package``, handler's
-``load``); the report supplies only what BlazeFL leaves to the user, its model selector
-and partitioned dataset. They do the same work as the other rows: the same model (from
-the same seed), the same clients' samples read from the same mapped store file, and the
-same batches in the same order -- the dataset ignores the generator BlazeFL passes and
-shuffles from (seed, client id, round) as ``client_update`` does, each loader item is
-one whole batch gathered and scaled as there, one batch per client in the ``batch``
-regime and ``samples // batch`` in the ``epoch`` one, 1 local epoch, the same lr. What
-differs is BlazeFL's own client code, kept as it is: it steps ``torch.optim.SGD`` (the
-same update as ``sgd_step``, but building the optimizer costs each fresh process a
-one-off import of torch's compiler stack, and the process pool's workers are fresh every
-round), it builds a new model for every client (``select_model``), saves each client's
-random-generator state to a file every round (process pool), shows tqdm bars (written to
-the child's captured stderr), and averages with torch on the server. Its worker
-processes get emberfl's default torch thread count (cpus // ``--workers``), set by the
-selector in the worker; BlazeFL itself leaves torch's default (one thread per core).
+The BlazeFL rows run only when ``blazefl`` (2.0.x, ``pip install
+"blazefl[contrib]==2.0.3"``) is importable; otherwise they are skipped with one printed
+line. BlazeFL's trainers and server handler run unchanged, driven the way its quickstart
+drives them (handler's ``downlink_package``, trainer's ``local_process`` and
+``uplink_package``, handler's ``load``); the report supplies only what BlazeFL leaves to
+the user, its model selector and partitioned dataset. They do the same work as the other
+rows: the same model (from the same seed), the same clients' samples read from the same
+mapped store file, and the same batches in the same order -- the dataset ignores the
+generator BlazeFL passes and shuffles from (seed, client id, round) as ``client_update``
+does, each loader item is one whole batch gathered and scaled as there, one batch per
+client in the ``batch`` regime and ``samples // batch`` in the ``epoch`` one, 1 local
+epoch, the same lr (with 1 torch thread, the final model is bitwise the serial floor's:
+tests/test_bench_e2e_blazefl.py). What differs is BlazeFL's own client code, kept as it
+is: it steps ``torch.optim.SGD`` (the same update as ``sgd_step``, but building the
+optimizer costs each fresh process a one-off import of torch's compiler stack, and the
+process pool's workers are fresh every round), it builds a new model for every client
+(``select_model``), saves each client's random-generator state to a file every round
+(process pool), shows tqdm bars (written to the child's captured stderr), and averages
+with torch on the server. Its worker processes get emberfl's default torch thread count
+(cpus // ``--workers``), set by the selector in the worker; BlazeFL itself leaves
+torch's default (one thread per core).
 
 Every run is a fresh subprocess, sampled every 50 ms for the RSS and PSS of its whole
 process tree (RSS counts pages of shared file mappings once per process; PSS shares
@@ -616,6 +618,8 @@ def main() -> None:
     if why_not:
         print(f"# skipped {', '.join(blazefl)}: {why_not}", flush=True)
         impls = [i for i in impls if i not in BLAZEFL_IMPLS]
+        if not impls:
+            return
     elif blazefl:
         from importlib.metadata import version
 
