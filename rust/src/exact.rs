@@ -1,0 +1,1061 @@
+//! Exact, order-independent weighted sums: `sum_i w_i * x_i` on a fixed binary grid in
+//! 128-bit integers.
+//!
+//! Floating-point addition is not associative, so a float sum depends on the order and
+//! grouping of its terms. Integer addition is, so this module turns every term into an
+//! integer once and adds integers: an [`ExactSum`] can be split anywhere (by elements,
+//! by clients, across processes) and combined in any order with the same bits.
+//!
+//! **Terms.** Each term is formed once, deterministically: the input (f32, f16 or
+//! bf16, all exact in f64) is multiplied by the weight in f64 -- one IEEE multiply,
+//! one rounding -- and the product is rounded to the nearest multiple of the grid
+//! quantum `2^-grid` (ties to even). The result is an integer count of quanta, added
+//! into one `i128` per element.
+//!
+//! **Weights** must be finite, `|w| < 2^39` (5.5e11) and multiples of `2^-64`; every
+//! f64 in `[2^-12, 2^39)` is one, so are sample counts and fractions such as 0.1 or
+//! 1/3 as f64. Their total is kept exactly, as an `i128` count of `2^-64`.
+//!
+//! **Grid and range.** `grid` (default [`DEFAULT_GRID`] = 64) is the number of
+//! fractional bits. A term must satisfy `|w * x| < 2^(103 - grid)` (5.5e11 at the
+//! default grid), so its integer is below `2^103` ([`TERM_BITS`]); at most
+//! `2^24` ([`MAX_ADDS`]) vectors may go into one sum, merges included. Hence every
+//! partial sum stays below `2^24 * 2^103 = 2^127`: the `i128` can never wrap, whatever
+//! the order, and an out-of-range term or a 2^24+1-th vector is a typed error
+//! (detected before anything is added, so a refused vector leaves the sum unchanged),
+//! as are NaN and Inf inputs.
+//!
+//! **Error bound.** Against the exact real `S = sum_i w_i x_i`, the accumulated value
+//! `A` satisfies `|A - S| <= sum_i (2^-53 |w_i x_i| + 2^-(grid+1))` (the f64 product,
+//! then the grid). [`ExactSum::finish_sum`] returns `A` and [`ExactSum::finish`] returns
+//! `A / W` (`W` the exact total weight), each rounded *once* to the nearest f32. So the
+//! results carry one f32 rounding plus the terms' error above. Today's f32 accumulation
+//! rounds the weight factor (`2^-24` relative) and every partial sum (`2^-24` of the
+//! running sum each), `n` roundings in all. At the default grid the `2^-65` absolute
+//! per term is below one f32 rounding of the sum whenever `|S| >= n * 2^-40`
+//! (`n * 9.1e-13`); with weights >= 1 that is any mean of magnitude >= 9.1e-13. Only
+//! parameters whose weighted mean is smaller than that -- far below anything a model's
+//! output can feel -- are held to `2^-65` absolute instead of f32's relative
+//! precision; a finer `grid` moves that line at the cost of range (each bit of grid
+//! halves the term limit).
+//!
+//! **Threads.** Elements are independent, so the vector is split into contiguous chunks,
+//! one per thread; the bits do not depend on the thread count.
+//!
+//! **Bytes.** [`ExactSum::to_bytes`] writes, little-endian: the 8-byte magic
+//! `EMBFLXS\0`, `u32` version (1), `u32` grid, `u64` length, `u64` count of vectors
+//! added, `i128` total weight in units of `2^-64`, then `length` `i128` sums in units
+//! of `2^-grid`. [`ExactSum::from_bytes`] checks every field, the size, and that every
+//! value respects the bound its count implies (so a corrupt file cannot make a later
+//! add wrap).
+
+use std::fmt;
+
+use half::slice::HalfFloatSliceExt;
+
+use crate::kernels::Input;
+
+/// Fractional bits of the grid unless chosen otherwise.
+pub const DEFAULT_GRID: u32 = 64;
+/// The largest grid accepted (term limit `2^3`).
+pub const MAX_GRID: u32 = 100;
+/// Every term's integer is below `2^TERM_BITS` in magnitude.
+pub const TERM_BITS: u32 = 103;
+/// Vectors one sum may hold, merges included: `MAX_ADDS * 2^TERM_BITS <= 2^127`.
+pub const MAX_ADDS: u64 = 1 << 24;
+/// Weights are counted in units of `2^-WEIGHT_GRID`.
+pub const WEIGHT_GRID: u32 = 64;
+/// Byte-format magic and version.
+pub const MAGIC: [u8; 8] = *b"EMBFLXS\0";
+pub const VERSION: u32 = 1;
+/// Header bytes before the sums.
+pub const HEADER_LEN: usize = 48;
+
+/// Elements per block: the f16/bf16 widening scratch (16 KiB) stays in L1.
+const BLOCK: usize = 4096;
+/// Below this many elements per thread, extra threads cost more than they save.
+const MIN_PER_THREAD: usize = 1 << 16;
+
+/// `2^e` as f64 for `-1022 <= e <= 1023`.
+const fn pow2(e: i32) -> f64 {
+    f64::from_bits(((1023 + e) as u64) << 52)
+}
+
+const TERM_LIMIT: f64 = pow2(TERM_BITS as i32);
+const WEIGHT_LIMIT: f64 = pow2(TERM_BITS as i32 - WEIGHT_GRID as i32);
+
+/// Why corrupt or truncated bytes were refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FormatError {
+    TooShort {
+        len: usize,
+    },
+    Magic,
+    Version {
+        found: u32,
+    },
+    Grid {
+        grid: u32,
+    },
+    Count {
+        count: u64,
+    },
+    Size {
+        len: usize,
+        expected: u128,
+    },
+    /// `None` for the total weight, else the element index.
+    Value {
+        index: Option<usize>,
+    },
+}
+
+impl fmt::Display for FormatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FormatError::TooShort { len } => {
+                write!(
+                    f,
+                    "{len} bytes is shorter than the {HEADER_LEN}-byte header"
+                )
+            }
+            FormatError::Magic => write!(f, "bad magic: not an emberfl exact sum"),
+            FormatError::Version { found } => {
+                write!(
+                    f,
+                    "unsupported version {found} (this build reads {VERSION})"
+                )
+            }
+            FormatError::Grid { grid } => write!(f, "grid {grid} is above {MAX_GRID}"),
+            FormatError::Count { count } => {
+                write!(f, "count {count} is above the limit of {MAX_ADDS} vectors")
+            }
+            FormatError::Size { len, expected } => write!(
+                f,
+                "{len} bytes, but the header's length needs {expected} (truncated or padded)"
+            ),
+            FormatError::Value { index: None } => {
+                write!(f, "the total weight exceeds what its count allows")
+            }
+            FormatError::Value { index: Some(i) } => {
+                write!(f, "element {i} exceeds what the count allows")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExactError {
+    BadGrid {
+        grid: u32,
+    },
+    LengthMismatch {
+        len: usize,
+        expected: usize,
+    },
+    GridMismatch {
+        grid: u32,
+        expected: u32,
+    },
+    /// Not finite, `|w| >= 2^39`, or not a multiple of `2^-64`.
+    BadWeight {
+        value: f64,
+    },
+    /// `x[index]` is NaN or Inf.
+    NonFinite {
+        index: usize,
+        value: f64,
+    },
+    /// `|weight * x[index]|` is not below `limit`.
+    TermOutOfRange {
+        index: usize,
+        value: f64,
+        weight: f64,
+        limit: f64,
+    },
+    TooManyAdds {
+        count: u64,
+    },
+    ZeroWeight,
+    /// The mean at `index` is beyond the f32 range.
+    MeanOutOfRange {
+        index: usize,
+    },
+    Format(FormatError),
+}
+
+impl fmt::Display for ExactError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExactError::BadGrid { grid } => {
+                write!(f, "grid {grid} is out of range: it must be 0..={MAX_GRID}")
+            }
+            ExactError::LengthMismatch { len, expected } => write!(
+                f,
+                "the vector has {len} elements but the sum has {expected}"
+            ),
+            ExactError::GridMismatch { grid, expected } => write!(
+                f,
+                "cannot merge a sum on grid 2^-{grid} into one on grid 2^-{expected}"
+            ),
+            ExactError::BadWeight { value } => write!(
+                f,
+                "weight {value} is not exact: weights must be finite, of magnitude below \
+                 2^39 and multiples of 2^-64"
+            ),
+            ExactError::NonFinite { index, value } => {
+                write!(f, "the vector holds {value} at index {index}")
+            }
+            ExactError::TermOutOfRange {
+                index,
+                value,
+                weight,
+                limit,
+            } => write!(
+                f,
+                "weight * x[{index}] = {weight} * {value} is out of range: terms must be \
+                 below {limit:e} in magnitude on this grid"
+            ),
+            ExactError::TooManyAdds { count } => write!(
+                f,
+                "{count} vectors exceed the limit of {MAX_ADDS} in one exact sum"
+            ),
+            ExactError::ZeroWeight => {
+                write!(f, "the total weight is zero: the mean is undefined")
+            }
+            ExactError::MeanOutOfRange { index } => {
+                write!(f, "the mean at index {index} is beyond the float32 range")
+            }
+            ExactError::Format(e) => write!(f, "corrupt exact sum bytes: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ExactError {}
+
+impl From<FormatError> for ExactError {
+    fn from(e: FormatError) -> Self {
+        ExactError::Format(e)
+    }
+}
+
+/// Rounds `s` (`|s| < 2^103`, else it becomes 0 and `false` comes back) to the nearest
+/// integer, ties to even, as an `i128`.
+///
+/// Only f64 adds and multiplies, so the loop around it vectorises: `hi` is `s / 2^52`
+/// rounded (`|hi| < 2^51`), `lo = s - hi * 2^52` is exact (both are multiples of
+/// `ulp(s)` and `|lo| <= 2^51`), and adding then subtracting `1.5 * 2^52` rounds a value
+/// below `2^51` to an integer that sits in the low mantissa bits.
+#[inline(always)]
+fn to_grid(s: f64) -> (i128, bool) {
+    const MAGIC: f64 = pow2(52) + pow2(51);
+    let ok = s.abs() < TERM_LIMIT;
+    let s = if ok { s } else { 0.0 };
+    let hi = (s * pow2(-52) + MAGIC) - MAGIC;
+    let lo = s - hi * pow2(52);
+    let hi_i = (hi + MAGIC).to_bits() as i64 - MAGIC.to_bits() as i64;
+    let lo_i = (lo + MAGIC).to_bits() as i64 - MAGIC.to_bits() as i64;
+    (((hi_i as i128) << 52) + lo_i as i128, ok)
+}
+
+/// `acc[j] +=` (or `-=` when `SUB`) the grid integer of `x[j] * ws`. False when some
+/// term was out of range or not finite (it then counts as 0).
+#[inline(always)]
+fn add_f32<const SUB: bool>(acc: &mut [i128], x: &[f32], ws: f64) -> bool {
+    let mut ok = true;
+    for (a, &v) in acc.iter_mut().zip(x) {
+        let (n, good) = to_grid(v as f64 * ws);
+        ok &= good;
+        // No wrap is possible (see the module doc); wrapping ops say so to the compiler.
+        *a = if SUB {
+            a.wrapping_sub(n)
+        } else {
+            a.wrapping_add(n)
+        };
+    }
+    ok
+}
+
+#[inline(always)]
+fn add_range_portable<const SUB: bool>(
+    acc: &mut [i128],
+    x: Input<'_>,
+    offset: usize,
+    ws: f64,
+) -> bool {
+    let end = offset + acc.len();
+    match x {
+        Input::F32(x) => add_f32::<SUB>(acc, &x[offset..end], ws),
+        Input::F16(_) | Input::BF16(_) => {
+            let mut scratch = [0f32; BLOCK];
+            let mut ok = true;
+            for (i, block) in acc.chunks_mut(BLOCK).enumerate() {
+                let (s, e) = (offset + i * BLOCK, offset + i * BLOCK + block.len());
+                let slot = &mut scratch[..block.len()];
+                match x {
+                    Input::F16(h) => h[s..e].convert_to_f32_slice(slot),
+                    Input::BF16(b) => b[s..e].convert_to_f32_slice(slot),
+                    Input::F32(_) => unreachable!(),
+                }
+                ok &= add_f32::<SUB>(block, slot, ws);
+            }
+            ok
+        }
+    }
+}
+
+/// [`add_range_portable`], compiled a second time with AVX2 where the CPU has it. Both
+/// compute the same integers (exact arithmetic), so the dispatch cannot change bits.
+fn add_range<const SUB: bool>(acc: &mut [i128], x: Input<'_>, offset: usize, ws: f64) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the running CPU supports AVX2.
+        return unsafe { add_range_avx2::<SUB>(acc, x, offset, ws) };
+    }
+    add_range_portable::<SUB>(acc, x, offset, ws)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn add_range_avx2<const SUB: bool>(
+    acc: &mut [i128],
+    x: Input<'_>,
+    offset: usize,
+    ws: f64,
+) -> bool {
+    add_range_portable::<SUB>(acc, x, offset, ws)
+}
+
+/// Runs `f(chunk, offset)` on contiguous chunks of `data`, one thread each, and returns
+/// the results in chunk order.
+fn par_chunks<T: Send, R: Send>(
+    data: &mut [T],
+    threads: usize,
+    f: impl Fn(&mut [T], usize) -> R + Sync,
+) -> Vec<R> {
+    let threads = threads.clamp(1, data.len().div_ceil(MIN_PER_THREAD).max(1));
+    if threads == 1 {
+        return vec![f(data, 0)];
+    }
+    let per = data.len().div_ceil(threads).div_ceil(BLOCK) * BLOCK;
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = data
+            .chunks_mut(per)
+            .enumerate()
+            .map(|(i, chunk)| s.spawn(move || f(chunk, i * per)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("exact-sum worker panicked"))
+            .collect()
+    })
+}
+
+fn input_value(x: &Input<'_>, j: usize) -> f64 {
+    match x {
+        Input::F32(v) => v[j] as f64,
+        Input::F16(v) => v[j].to_f64(),
+        Input::BF16(v) => v[j].to_f64(),
+    }
+}
+
+/// `(a / b) * 2^e` rounded once to the nearest f32, ties to even; `None` when that is
+/// beyond the f32 range. Needs `b > 0` and `a, b < 2^127`. Exact long division: the
+/// slow path of [`finish`], and the reference the fast path is tested against.
+pub fn round_ratio(a: u128, b: u128, e: i32) -> Option<f32> {
+    if a == 0 {
+        return Some(0.0);
+    }
+    // q and the sticky bit: a/b * 2^-k = q + (something in [0, 1) when sticky).
+    let mut q = a / b;
+    let mut r = a % b;
+    let mut k: i32 = 0;
+    while q < (1 << 26) {
+        // r < b < 2^127, so 2r fits.
+        r <<= 1;
+        q <<= 1;
+        if r >= b {
+            r -= b;
+            q |= 1;
+        }
+        k += 1;
+    }
+    let sticky = r != 0;
+    // value = (q + frac) * 2^exp2
+    let exp2 = e - k;
+    let bits = 128 - q.leading_zeros() as i32;
+    let top = bits - 1 + exp2;
+    // Bits of q below the f32's last place: 24 kept for a normal, fewer for a subnormal.
+    let shift = if top >= -126 { bits - 24 } else { -149 - exp2 };
+    let (kept, rem) = match shift {
+        0..=127 => (q >> shift, q & ((1u128 << shift) - 1)),
+        128 => (0, q),
+        // Below half the smallest subnormal.
+        _ => return Some(0.0),
+    };
+    let half = 1u128 << (shift - 1);
+    let round_up = rem > half || (rem == half && (sticky || kept & 1 == 1));
+    let kept = kept + round_up as u128;
+    // kept <= 2^24 and the scale is inside f64's range: the product is exact and fits f32
+    // unless it overflows, which the conversion turns into Inf.
+    let v = kept as f64 * pow2(exp2 + shift);
+    let v32 = v as f32;
+    v32.is_finite().then_some(v32)
+}
+
+/// `|a|` as f64 with at most three roundings (no cancellation: both halves are >= 0).
+#[inline(always)]
+fn approx_f64(m: u128) -> f64 {
+    if m >> 64 == 0 {
+        m as u64 as f64
+    } else {
+        (m >> 64) as u64 as f64 * pow2(64) + m as u64 as f64
+    }
+}
+
+/// One element of [`finish`]: `(a / b) * 2^e` rounded once to f32 (sign of `a` times
+/// sign of `b`, where `b` is given as `b_abs` and `neg_b`). `bf` is `b_abs` as f64
+/// correctly rounded and `scale` is `2^e`.
+///
+/// Fast path: `approx(a) / bf * scale` in f64 is within 5 f64 ulps of the true value
+/// (three roundings in `a`, one in `bf`, one in the division; the scale is exact), so
+/// unless it lies within 16 ulps of the midpoint between two f32s its f32 rounding is the
+/// correct one. Otherwise (about one value in 2^24, or exact midpoints, subnormal and
+/// huge results) the exact [`round_ratio`] decides.
+#[inline(always)]
+fn finish_one(a: i128, b_abs: u128, neg_b: bool, bf: f64, scale: f64, e: i32) -> Option<f32> {
+    let m = a.unsigned_abs();
+    let neg = (a < 0) != neg_b;
+    let z = approx_f64(m) / bf * scale;
+    let extra = (z.to_bits() & ((1 << 29) - 1)) as i64;
+    let safe = (pow2(-125)..pow2(127)).contains(&z) && (extra - (1 << 28)).abs() > 16;
+    let v = if m == 0 {
+        0.0
+    } else if safe {
+        z as f32
+    } else {
+        round_ratio(m, b_abs, e)?
+    };
+    Some(if neg { -v } else { v })
+}
+
+/// An exact weighted sum of vectors (see the module doc).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExactSum {
+    grid: u32,
+    count: u64,
+    /// Total weight in units of `2^-WEIGHT_GRID`.
+    weight: i128,
+    /// Sums in units of `2^-grid`.
+    acc: Vec<i128>,
+}
+
+impl ExactSum {
+    pub fn new(len: usize, grid: u32) -> Result<Self, ExactError> {
+        if grid > MAX_GRID {
+            return Err(ExactError::BadGrid { grid });
+        }
+        Ok(ExactSum {
+            grid,
+            count: 0,
+            weight: 0,
+            acc: vec![0; len],
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.acc.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.acc.is_empty()
+    }
+
+    pub fn grid(&self) -> u32 {
+        self.grid
+    }
+
+    /// Vectors added so far, merged ones included.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The exact total weight, in units of `2^-64`.
+    pub fn weight_units(&self) -> i128 {
+        self.weight
+    }
+
+    /// The sums, in units of `2^-grid`.
+    pub fn values(&self) -> &[i128] {
+        &self.acc
+    }
+
+    /// The largest `|w * x|` a term may have on this grid (exclusive).
+    pub fn term_limit(&self) -> f64 {
+        pow2(TERM_BITS as i32 - self.grid as i32)
+    }
+
+    fn check_count(&self, more: u64) -> Result<(), ExactError> {
+        let count = self.count + more;
+        if count > MAX_ADDS {
+            return Err(ExactError::TooManyAdds { count });
+        }
+        Ok(())
+    }
+
+    /// Adds `weight * x`. On any error nothing is added.
+    pub fn add(&mut self, x: Input<'_>, weight: f64, threads: usize) -> Result<(), ExactError> {
+        if x.len() != self.len() {
+            return Err(ExactError::LengthMismatch {
+                len: x.len(),
+                expected: self.len(),
+            });
+        }
+        let units = weight * pow2(WEIGHT_GRID as i32);
+        if !(weight.abs() < WEIGHT_LIMIT) || units.fract() != 0.0 {
+            return Err(ExactError::BadWeight { value: weight });
+        }
+        self.check_count(1)?;
+        // Exact: scaling by a power of two, and w * 2^grid stays far from f64's limits.
+        let ws = weight * pow2(self.grid as i32);
+        let ok = par_chunks(&mut self.acc, threads, |chunk, offset| {
+            add_range::<false>(chunk, x, offset, ws)
+        });
+        if ok.iter().all(|&o| o) {
+            self.count += 1;
+            self.weight += to_grid(units).0;
+            return Ok(());
+        }
+        // Refused: subtracting the same integers (bad terms were 0) restores every bit.
+        par_chunks(&mut self.acc, threads, |chunk, offset| {
+            add_range::<true>(chunk, x, offset, ws)
+        });
+        Err(self.classify(x, weight, ws))
+    }
+
+    /// The error for a refused vector: its first NaN or Inf, else its first term out of range.
+    fn classify(&self, x: Input<'_>, weight: f64, ws: f64) -> ExactError {
+        let n = x.len();
+        if let Some(index) = (0..n).find(|&j| !input_value(&x, j).is_finite()) {
+            return ExactError::NonFinite {
+                index,
+                value: input_value(&x, index),
+            };
+        }
+        let index = (0..n)
+            .find(|&j| !to_grid(input_value(&x, j) * ws).1)
+            .expect("a refused vector has a bad term");
+        ExactError::TermOutOfRange {
+            index,
+            value: input_value(&x, index),
+            weight,
+            limit: self.term_limit(),
+        }
+    }
+
+    /// Adds `other` into this sum.
+    pub fn merge(&mut self, other: &ExactSum, threads: usize) -> Result<(), ExactError> {
+        if other.len() != self.len() {
+            return Err(ExactError::LengthMismatch {
+                len: other.len(),
+                expected: self.len(),
+            });
+        }
+        if other.grid != self.grid {
+            return Err(ExactError::GridMismatch {
+                grid: other.grid,
+                expected: self.grid,
+            });
+        }
+        self.check_count(other.count)?;
+        par_chunks(&mut self.acc, threads, |chunk, offset| {
+            let src = &other.acc[offset..offset + chunk.len()];
+            for (a, b) in chunk.iter_mut().zip(src) {
+                // Both respect |v| <= count * (2^103 - 1), and the counts' sum is checked.
+                *a = a.wrapping_add(*b);
+            }
+        });
+        self.count += other.count;
+        self.weight += other.weight;
+        Ok(())
+    }
+
+    /// `out[j] = f32(acc[j] / b * 2^e)`, each rounded once.
+    fn finish_into(
+        &self,
+        out: &mut [f32],
+        b: i128,
+        e: i32,
+        threads: usize,
+    ) -> Result<(), ExactError> {
+        let b_abs = b.unsigned_abs();
+        let bf = b_abs as f64;
+        let scale = pow2(e);
+        let results = par_chunks(out, threads, |chunk, offset| {
+            let src = &self.acc[offset..offset + chunk.len()];
+            for (j, (o, &a)) in chunk.iter_mut().zip(src).enumerate() {
+                *o = finish_one(a, b_abs, b < 0, bf, scale, e)
+                    .ok_or(ExactError::MeanOutOfRange { index: offset + j })?;
+            }
+            Ok(())
+        });
+        results.into_iter().collect()
+    }
+
+    /// The weighted mean `sum_i w_i x_i / sum_i w_i`, each element rounded once to f32.
+    pub fn finish(&self, threads: usize) -> Result<Vec<f32>, ExactError> {
+        if self.weight == 0 {
+            return Err(ExactError::ZeroWeight);
+        }
+        let mut out = vec![0f32; self.len()];
+        let e = WEIGHT_GRID as i32 - self.grid as i32;
+        self.finish_into(&mut out, self.weight, e, threads)?;
+        Ok(out)
+    }
+
+    /// The weighted sum `sum_i w_i x_i`, each element rounded once to f32. Always in range:
+    /// `|acc| < 2^127` quanta of `2^-grid <= 1`, below f32's largest value.
+    pub fn finish_sum(&self, threads: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.len()];
+        self.finish_into(&mut out, 1, -(self.grid as i32), threads)
+            .expect("a sum below 2^127 fits f32");
+        out
+    }
+
+    /// Bytes in [`to_bytes`](Self::to_bytes)' format.
+    pub fn byte_len(&self) -> usize {
+        HEADER_LEN + 16 * self.len()
+    }
+
+    /// Writes the byte format (see the module doc) into `buf` of [`byte_len`](Self::byte_len).
+    pub fn write_bytes(&self, buf: &mut [u8]) {
+        assert_eq!(buf.len(), self.byte_len(), "buffer size");
+        let (head, body) = buf.split_at_mut(HEADER_LEN);
+        head[0..8].copy_from_slice(&MAGIC);
+        head[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        head[12..16].copy_from_slice(&self.grid.to_le_bytes());
+        head[16..24].copy_from_slice(&(self.len() as u64).to_le_bytes());
+        head[24..32].copy_from_slice(&self.count.to_le_bytes());
+        head[32..48].copy_from_slice(&self.weight.to_le_bytes());
+        for (dst, v) in body.chunks_exact_mut(16).zip(&self.acc) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; self.byte_len()];
+        self.write_bytes(&mut buf);
+        buf
+    }
+
+    /// Reads [`to_bytes`](Self::to_bytes)' format, checking every field.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ExactError> {
+        if bytes.len() < HEADER_LEN {
+            return Err(FormatError::TooShort { len: bytes.len() }.into());
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+        let i128_at =
+            |i: usize| i128::from_le_bytes(bytes[i..i + 16].try_into().expect("16 bytes"));
+        if bytes[0..8] != MAGIC {
+            return Err(FormatError::Magic.into());
+        }
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(FormatError::Version { found: version }.into());
+        }
+        let grid = u32_at(12);
+        if grid > MAX_GRID {
+            return Err(FormatError::Grid { grid }.into());
+        }
+        let len = u64_at(16);
+        let count = u64_at(24);
+        if count > MAX_ADDS {
+            return Err(FormatError::Count { count }.into());
+        }
+        let expected = HEADER_LEN as u128 + 16 * len as u128;
+        if bytes.len() as u128 != expected {
+            return Err(FormatError::Size {
+                len: bytes.len(),
+                expected,
+            }
+            .into());
+        }
+        // What `count` terms of magnitude < 2^103 can reach; more means corruption.
+        let bound = count as u128 * ((1u128 << TERM_BITS) - 1);
+        let weight = i128_at(32);
+        if weight.unsigned_abs() > bound {
+            return Err(FormatError::Value { index: None }.into());
+        }
+        let mut acc = Vec::with_capacity(len as usize);
+        for (index, chunk) in bytes[HEADER_LEN..].chunks_exact(16).enumerate() {
+            let v = i128::from_le_bytes(chunk.try_into().expect("16 bytes"));
+            if v.unsigned_abs() > bound {
+                return Err(FormatError::Value { index: Some(index) }.into());
+            }
+            acc.push(v);
+        }
+        Ok(ExactSum {
+            grid,
+            count,
+            weight,
+            acc,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    /// Deterministic pseudo-random bits.
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        }
+    }
+
+    /// Finite f32 values over a wide range of exponents, signs and subnormals.
+    fn wild(seed: u64, n: usize, max_exp: i32) -> Vec<f32> {
+        let mut r = rng(seed);
+        (0..n)
+            .map(|_| {
+                let bits = r();
+                let e = (bits % (max_exp + 150) as u64) as i32 - 149;
+                let m = 1.0 + (bits >> 40) as f64 / (1u64 << 24) as f64;
+                let v = (m * 2f64.powi(e)) as f32;
+                if bits & (1 << 20) != 0 {
+                    -v
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn to_grid_rounds_to_nearest_even() {
+        for (s, n) in [
+            (0.5, 0),
+            (1.5, 2),
+            (2.5, 2),
+            (-0.5, 0),
+            (-1.5, -2),
+            (-2.5, -2),
+            (0.49, 0),
+            (3.0, 3),
+            (-7.75, -8),
+            (1e-300, 0),
+        ] {
+            assert_eq!(to_grid(s), (n, true), "{s}");
+        }
+        let big = pow2(102) * 1.5;
+        assert_eq!(to_grid(big), (3i128 << 101, true));
+        assert_eq!(to_grid(-big), (-(3i128 << 101), true));
+        let near = f64::from_bits(TERM_LIMIT.to_bits() - 1);
+        assert_eq!(to_grid(near).0, (1i128 << 103) - (1i128 << 50));
+        assert!(!to_grid(TERM_LIMIT).1);
+        assert!(!to_grid(f64::NAN).1);
+        assert!(!to_grid(f64::NEG_INFINITY).1);
+        // Every integer magnitude class round trips.
+        let mut r = rng(1);
+        for _ in 0..10_000 {
+            let s = f64::from_bits(r()) % TERM_LIMIT;
+            if s.is_finite() {
+                let (n, ok) = to_grid(s);
+                assert!(ok);
+                assert_eq!(n as f64, s.round_ties_even(), "{s}");
+            }
+        }
+    }
+
+    #[test]
+    fn round_ratio_matches_f64_where_exact() {
+        // a/b exact in f64 (b a power of two): one f64 -> f32 rounding is the reference.
+        let mut r = rng(2);
+        for _ in 0..20_000 {
+            let a = (r() >> 11) as u128;
+            let e = (r() % 300) as i32 - 200;
+            let want = (a as f64 * 2f64.powi(e)) as f32;
+            assert_eq!(
+                round_ratio(a, 1, e),
+                want.is_finite().then_some(want),
+                "{a} {e}"
+            );
+        }
+        assert_eq!(round_ratio(1, 2, -149), Some(0.0)); // a tie at half the smallest: to even
+        assert_eq!(round_ratio(3, 2, -149), Some(f32::from_bits(2)));
+        assert_eq!(round_ratio(1, 3, 0), Some(1.0 / 3.0));
+        assert_eq!(round_ratio(1, 1, 128), None);
+    }
+
+    #[test]
+    fn fast_finish_agrees_with_long_division() {
+        let mut r = rng(3);
+        for _ in 0..100_000 {
+            let a = ((r() as i128) << (r() % 62) >> (r() % 64)) * if r() & 1 == 0 { 1 } else { -1 };
+            let b = ((r() >> (r() % 64)) as u128).max(1) << (r() % 60);
+            let e = (r() % 100) as i32 - 60;
+            let got = finish_one(a, b, false, b as f64, pow2(e), e);
+            let want = round_ratio(a.unsigned_abs(), b, e).map(|v| if a < 0 { -v } else { v });
+            assert_eq!(got, want, "{a} {b} {e}");
+        }
+    }
+
+    fn ref_sum(xs: &[Vec<f32>], ws: &[f64], grid: u32) -> Vec<i128> {
+        let scale = pow2(grid as i32);
+        (0..xs[0].len())
+            .map(|j| {
+                xs.iter()
+                    .zip(ws)
+                    .map(|(x, &w)| (x[j] as f64 * w * scale).round_ties_even() as i128)
+                    .sum()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sums_are_exact_and_order_independent() {
+        let len = 70_001;
+        let xs: Vec<Vec<f32>> = (0..6).map(|i| wild(10 + i, len, 20)).collect();
+        let ws = [1.0, 0.1, 600.0, 1.0 / 3.0, 0.0, -2.5];
+        let mut forward = ExactSum::new(len, DEFAULT_GRID).unwrap();
+        for (x, &w) in xs.iter().zip(&ws) {
+            forward.add(Input::F32(x), w, 1).unwrap();
+        }
+        assert_eq!(forward.values(), ref_sum(&xs, &ws, DEFAULT_GRID).as_slice());
+        // Backwards, in two halves merged, with three threads.
+        let mut a = ExactSum::new(len, DEFAULT_GRID).unwrap();
+        let mut b = ExactSum::new(len, DEFAULT_GRID).unwrap();
+        for (i, (x, &w)) in xs.iter().zip(&ws).enumerate().rev() {
+            let part = if i % 2 == 0 { &mut a } else { &mut b };
+            part.add(Input::F32(x), w, 3).unwrap();
+        }
+        b.merge(&a, 2).unwrap();
+        assert_eq!(b, forward);
+        assert_eq!(b.finish(1).unwrap(), forward.finish(4).unwrap());
+        assert_eq!(b.count(), 6);
+        let units: i128 = ws.iter().map(|w| (w * pow2(64)) as i128).sum();
+        assert_eq!(b.weight_units(), units);
+    }
+
+    #[test]
+    fn mean_is_rounded_once() {
+        // 1 and 1 + 2^-23 with equal weights: the mean is a tie, which goes to even.
+        let a = [1.0f32];
+        let b = [1.0 + f32::EPSILON];
+        let mut s = ExactSum::new(1, DEFAULT_GRID).unwrap();
+        s.add(Input::F32(&a), 3.0, 1).unwrap();
+        s.add(Input::F32(&b), 3.0, 1).unwrap();
+        assert_eq!(s.finish(1).unwrap(), vec![1.0]);
+        assert_eq!(s.finish_sum(1), vec![6.0 + 3.0 * f32::EPSILON]);
+        s.add(Input::F32(&b), 6.0, 1).unwrap();
+        // (3 + 3(1+e) + 6(1+e)) / 12 = 1 + 0.75e: rounds up to 1 + e.
+        assert_eq!(s.finish(1).unwrap(), vec![1.0 + f32::EPSILON]);
+    }
+
+    #[test]
+    fn half_inputs() {
+        let x = wild(5, 9000, 10);
+        let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let bb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        for (input, widened) in [
+            (
+                Input::F16(&h),
+                h.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+            ),
+            (Input::BF16(&bb), bb.iter().map(|v| v.to_f32()).collect()),
+        ] {
+            let mut s = ExactSum::new(x.len(), 80).unwrap();
+            s.add(input, 7.0, 2).unwrap();
+            assert_eq!(s.values(), ref_sum(&[widened], &[7.0], 80).as_slice());
+        }
+    }
+
+    #[test]
+    fn thread_counts_agree() {
+        let len = 300_001;
+        let x = wild(6, len, 15);
+        let mut one = ExactSum::new(len, 70).unwrap();
+        one.add(Input::F32(&x), 0.75, 1).unwrap();
+        for threads in [2, 3, 8] {
+            let mut many = ExactSum::new(len, 70).unwrap();
+            many.add(Input::F32(&x), 0.75, threads).unwrap();
+            assert_eq!(many, one);
+            let a: Vec<u32> = one.finish(1).unwrap().iter().map(|v| v.to_bits()).collect();
+            let b: Vec<u32> = many
+                .finish(threads)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn dispatch_agrees_with_portable() {
+        let x = wild(7, 10_000, 30);
+        let mut a = vec![0i128; x.len()];
+        let mut b = vec![0i128; x.len()];
+        assert!(add_range_portable::<false>(
+            &mut a,
+            Input::F32(&x),
+            0,
+            3.0 * pow2(50)
+        ));
+        assert!(add_range::<false>(
+            &mut b,
+            Input::F32(&x),
+            0,
+            3.0 * pow2(50)
+        ));
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn refused_vectors_change_nothing() {
+        let len = 200_000;
+        let x = wild(8, len, 20);
+        let mut s = ExactSum::new(len, DEFAULT_GRID).unwrap();
+        s.add(Input::F32(&x), 2.0, 2).unwrap();
+        let before = s.clone();
+        let mut bad = x.clone();
+        bad[150_000] = f32::NAN;
+        bad[190_000] = 1e30;
+        assert!(matches!(
+            s.add(Input::F32(&bad), 1.0, 2),
+            Err(ExactError::NonFinite { index: 150_000, .. })
+        ));
+        assert_eq!(s, before);
+        bad[150_000] = 1.0;
+        let limit = s.term_limit();
+        assert_eq!(
+            s.add(Input::F32(&bad), 1.0, 3),
+            Err(ExactError::TermOutOfRange {
+                index: 190_000,
+                value: 1e30f32 as f64,
+                weight: 1.0,
+                limit
+            })
+        );
+        assert_eq!(s, before);
+        // Just inside and just outside the limit.
+        let mut edge = ExactSum::new(2, DEFAULT_GRID).unwrap();
+        let inside = [f32::from_bits((limit as f32).to_bits() - 1), -1.0];
+        edge.add(Input::F32(&inside), 1.0, 1).unwrap();
+        assert!(edge.add(Input::F32(&[limit as f32, 0.0]), 1.0, 1).is_err());
+        let inf = [f16::INFINITY];
+        let mut h = ExactSum::new(1, 10).unwrap();
+        assert!(matches!(
+            h.add(Input::F16(&inf), 1.0, 1),
+            Err(ExactError::NonFinite { index: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(
+            ExactSum::new(3, MAX_GRID + 1),
+            Err(ExactError::BadGrid { grid: MAX_GRID + 1 })
+        );
+        let mut s = ExactSum::new(3, 64).unwrap();
+        let x = [1f32; 4];
+        assert_eq!(
+            s.add(Input::F32(&x), 1.0, 1),
+            Err(ExactError::LengthMismatch {
+                len: 4,
+                expected: 3
+            })
+        );
+        for w in [
+            f64::NAN,
+            f64::INFINITY,
+            pow2(39),
+            pow2(-70),
+            0.1 * pow2(-20),
+        ] {
+            let got = s.add(Input::F32(&x[..3]), w, 1);
+            assert!(
+                matches!(got, Err(ExactError::BadWeight { value }) if value.to_bits() == w.to_bits()),
+                "{w}"
+            );
+        }
+        assert_eq!(s.finish(1), Err(ExactError::ZeroWeight));
+        assert!(matches!(
+            s.merge(&ExactSum::new(3, 65).unwrap(), 1),
+            Err(ExactError::GridMismatch { .. })
+        ));
+        assert!(matches!(
+            s.merge(&ExactSum::new(2, 64).unwrap(), 1),
+            Err(ExactError::LengthMismatch { .. })
+        ));
+        let mut full = ExactSum::new(3, 64).unwrap();
+        full.count = MAX_ADDS;
+        assert!(matches!(
+            full.add(Input::F32(&x[..3]), 1.0, 1),
+            Err(ExactError::TooManyAdds { .. })
+        ));
+        s.count = 1;
+        assert!(matches!(
+            s.merge(&full, 1),
+            Err(ExactError::TooManyAdds { .. })
+        ));
+        // A mean beyond f32: a huge sum over a tiny weight.
+        let mut m = ExactSum::new(1, 0).unwrap();
+        m.add(Input::F32(&[1e30]), 2.0, 1).unwrap();
+        m.add(Input::F32(&[0.0]), -(2.0 - pow2(-40)), 1).unwrap();
+        assert_eq!(m.finish(1), Err(ExactError::MeanOutOfRange { index: 0 }));
+    }
+
+    #[test]
+    fn bytes_round_trip_and_corruption() {
+        let x = wild(9, 1000, 10);
+        let mut s = ExactSum::new(x.len(), 72).unwrap();
+        s.add(Input::F32(&x), 5.0, 1).unwrap();
+        s.add(Input::F32(&x), -0.25, 1).unwrap();
+        let bytes = s.to_bytes();
+        assert_eq!(bytes.len(), HEADER_LEN + 16 * 1000);
+        assert_eq!(&bytes[..8], b"EMBFLXS\0");
+        assert_eq!(ExactSum::from_bytes(&bytes).unwrap(), s);
+        let err = |b: &[u8]| match ExactSum::from_bytes(b) {
+            Err(ExactError::Format(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(err(&bytes[..10]), FormatError::TooShort { len: 10 });
+        assert!(matches!(
+            err(&bytes[..bytes.len() - 1]),
+            FormatError::Size { .. }
+        ));
+        let mut b = bytes.clone();
+        b[0] = b'X';
+        assert_eq!(err(&b), FormatError::Magic);
+        let mut b = bytes.clone();
+        b[8] = 2;
+        assert_eq!(err(&b), FormatError::Version { found: 2 });
+        let mut b = bytes.clone();
+        b[12] = 200;
+        assert_eq!(err(&b), FormatError::Grid { grid: 200 });
+        let mut b = bytes.clone();
+        b[16] = 0xff;
+        assert!(matches!(err(&b), FormatError::Size { .. }));
+        let mut b = bytes.clone();
+        b[31] = 1;
+        assert!(matches!(err(&b), FormatError::Count { .. }));
+        let mut b = bytes.clone();
+        b[47] = 0x40;
+        assert_eq!(err(&b), FormatError::Value { index: None });
+        let mut b = bytes.clone();
+        b[HEADER_LEN + 16 * 7 + 15] ^= 0x40;
+        assert_eq!(err(&b), FormatError::Value { index: Some(7) });
+        // An empty sum round trips too.
+        let empty = ExactSum::new(0, 0).unwrap();
+        assert_eq!(ExactSum::from_bytes(&empty.to_bytes()).unwrap(), empty);
+    }
+}
