@@ -248,30 +248,57 @@ impl From<FormatError> for ExactError {
 /// below `2^51` to an integer that sits in the low mantissa bits.
 #[inline(always)]
 fn to_grid(s: f64) -> (i128, bool) {
+    let (hi, lo, ok) = grid_parts(s);
+    (join(hi, lo), ok)
+}
+
+/// [`to_grid`]'s integer as `hi * 2^52 + lo`.
+#[inline(always)]
+fn grid_parts(s: f64) -> (i64, i64, bool) {
     const MAGIC: f64 = pow2(52) + pow2(51);
     let ok = s.abs() < TERM_LIMIT;
     let s = if ok { s } else { 0.0 };
     let hi = (s * pow2(-52) + MAGIC) - MAGIC;
     let lo = s - hi * pow2(52);
+    // The bit patterns of MAGIC + v for integers |v| <= 2^51 are consecutive.
     let hi_i = (hi + MAGIC).to_bits() as i64 - MAGIC.to_bits() as i64;
     let lo_i = (lo + MAGIC).to_bits() as i64 - MAGIC.to_bits() as i64;
-    (((hi_i as i128) << 52) + lo_i as i128, ok)
+    (hi_i, lo_i, ok)
 }
+
+#[inline(always)]
+fn join(hi: i64, lo: i64) -> i128 {
+    ((hi as i128) << 52) + lo as i128
+}
+
+/// Terms converted per pass: the two i64 scratch arrays (16 KiB) stay in L1.
+const PASS: usize = 1024;
 
 /// `acc[j] +=` (or `-=` when `SUB`) the grid integer of `x[j] * ws`. False when some
 /// term was out of range or not finite (it then counts as 0).
+///
+/// Two loops per pass: the float work, which vectorises, into i64 halves; then the
+/// 128-bit adds, which do not.
 #[inline(always)]
 fn add_f32<const SUB: bool>(acc: &mut [i128], x: &[f32], ws: f64) -> bool {
     let mut ok = true;
-    for (a, &v) in acc.iter_mut().zip(x) {
-        let (n, good) = to_grid(v as f64 * ws);
-        ok &= good;
-        // No wrap is possible (see the module doc); wrapping ops say so to the compiler.
-        *a = if SUB {
-            a.wrapping_sub(n)
-        } else {
-            a.wrapping_add(n)
-        };
+    let mut his = [0i64; PASS];
+    let mut los = [0i64; PASS];
+    for (acc, x) in acc.chunks_mut(PASS).zip(x.chunks(PASS)) {
+        for ((&v, hi), lo) in x.iter().zip(&mut his).zip(&mut los) {
+            let (h, l, good) = grid_parts(v as f64 * ws);
+            (*hi, *lo) = (h, l);
+            ok &= good;
+        }
+        for ((a, &hi), &lo) in acc.iter_mut().zip(&his).zip(&los) {
+            let n = join(hi, lo);
+            // No wrap is possible (see the module doc); wrapping ops say so to the compiler.
+            *a = if SUB {
+                a.wrapping_sub(n)
+            } else {
+                a.wrapping_add(n)
+            };
+        }
     }
     ok
 }
@@ -513,7 +540,9 @@ impl ExactSum {
             });
         }
         let units = weight * pow2(WEIGHT_GRID as i32);
-        if !(weight.abs() < WEIGHT_LIMIT) || units.fract() != 0.0 {
+        // False for NaN too.
+        let exact = weight.abs() < WEIGHT_LIMIT && units.fract() == 0.0;
+        if !exact {
             return Err(ExactError::BadWeight { value: weight });
         }
         self.check_count(1)?;
