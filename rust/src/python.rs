@@ -300,6 +300,8 @@ fn find_nonfinite(
     Ok(py.detach(|| kernels::find_nonfinite(&ins, threads)))
 }
 
+const _: () = assert!(exact::DEFAULT_GRID == 64);
+
 /// An exact, order-independent weighted sum (`crate::exact`). Its work runs with the
 /// GIL released; a second thread using the same object meanwhile gets a borrow error.
 #[pyclass(name = "ExactSum", module = "emberfl._core")]
@@ -309,8 +311,9 @@ struct PyExactSum {
 
 #[pymethods]
 impl PyExactSum {
+    // A literal, so that Python's signature shows it; the assertion keeps it in step.
     #[new]
-    #[pyo3(signature = (length, grid=exact::DEFAULT_GRID))]
+    #[pyo3(signature = (length, grid=64))]
     fn new(length: usize, grid: u32) -> PyResult<Self> {
         Ok(PyExactSum {
             inner: exact::ExactSum::new(length, grid).map_err(exact_err)?,
