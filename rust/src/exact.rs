@@ -522,40 +522,188 @@ pub fn round_ratio(a: u128, b: u128, e: i32) -> Option<f32> {
     v32.is_finite().then_some(v32)
 }
 
-/// `|a|` as f64 with at most three roundings (no cancellation: both halves are >= 0).
+/// `v` as f64, rounded once, without branches (the scalar conversion branches on the top
+/// bit, which is random in the low word of a sum): `2^84 + hi32 * 2^32` and
+/// `2^52 + lo32` are exact bit patterns, and one subtraction and one rounded add join them.
+#[inline(always)]
+fn u64_to_f64(v: u64) -> f64 {
+    let hi = f64::from_bits(0x4530_0000_0000_0000 | (v >> 32));
+    let lo = f64::from_bits(0x4330_0000_0000_0000 | (v & 0xffff_ffff));
+    (hi - (pow2(84) + pow2(52))) + lo
+}
+
+/// `m` as f64 with at most three roundings (no cancellation: both halves are >= 0).
 #[inline(always)]
 fn approx_f64(m: u128) -> f64 {
-    if m >> 64 == 0 {
-        m as u64 as f64
+    u64_to_f64((m >> 64) as u64) * pow2(64) + u64_to_f64(m as u64)
+}
+
+/// The fast path of one element of [`finish`]: `|a| * r` in f64 rounded to f32, with the
+/// sign of `a` flipped by `neg_b`, and whether that f32 is certainly the correctly rounded
+/// `(|a| / b) * 2^e` (`r` is `2^e / b` rounded).
+///
+/// The f64 value is within 6 f64 ulps of the true one (three roundings in `|a|`, one in
+/// `b` as f64, one in `r`, one in the product), so unless it lies within 16 ulps of a
+/// midpoint between two f32s, its f32 rounding is the correct one. Zero is exact; results
+/// outside `[2^-125, 2^127)` (subnormal or near overflow) are left to [`finish_slow`].
+/// Branch-free, so the loop over a block pipelines.
+#[inline(always)]
+fn finish_fast(a: i128, neg_b: bool, r: f64) -> (f32, bool) {
+    let neg = (a < 0) != neg_b;
+    let z = approx_f64(a.unsigned_abs()) * r;
+    let extra = (z.to_bits() & ((1 << 29) - 1)) as i64;
+    let in_range = z == 0.0 || (pow2(-125)..pow2(127)).contains(&z);
+    let safe = in_range & ((extra - (1 << 28)).abs() > 16);
+    let v = f32::from_bits((z as f32).to_bits() | ((neg as u32) << 31));
+    (v, safe)
+}
+
+/// `(hi, lo) << s` as a 256-bit integer, or `None` if bits would be lost.
+fn shl256((hi, lo): (u128, u128), s: u32) -> Option<(u128, u128)> {
+    let bits = if hi != 0 {
+        256 - hi.leading_zeros()
     } else {
-        (m >> 64) as u64 as f64 * pow2(64) + m as u64 as f64
+        128 - lo.leading_zeros()
+    };
+    if bits + s > 256 {
+        return None;
+    }
+    Some(match s {
+        0 => (hi, lo),
+        1..=127 => ((hi << s) | (lo >> (128 - s)), lo << s),
+        _ => (lo << (s - 128), 0),
+    })
+}
+
+/// Compares `m` with `c * b * 2^d` exactly (`c < 2^32`): 256-bit integers, no division.
+fn cmp_scaled(m: u128, c: u32, b: u128, d: i32) -> std::cmp::Ordering {
+    let p0 = c as u128 * (b as u64) as u128;
+    let t = c as u128 * (b >> 64) + (p0 >> 64);
+    let product = (t >> 64, (t << 64) | (p0 as u64) as u128);
+    let (left, right) = if d >= 0 {
+        ((0, m), shl256(product, d as u32))
+    } else {
+        match shl256((0, m), d.unsigned_abs()) {
+            Some(left) => (left, Some(product)),
+            None => return std::cmp::Ordering::Greater,
+        }
+    };
+    match right {
+        Some(right) => left.cmp(&right),
+        None => std::cmp::Ordering::Less,
     }
 }
 
-/// One element of [`finish`]: `(a / b) * 2^e` rounded once to f32 (sign of `a` times
-/// sign of `b`, where `b` is given as `b_abs` and `neg_b`). `bf` is `b_abs` as f64
-/// correctly rounded and `scale` is `2^e`.
+/// One element of [`finish`] where [`finish_fast`] is unsure: `(m / b) * 2^e` rounded once
+/// to f32 (`m > 0`, magnitude only). `z` is the fast path's f64 estimate.
 ///
-/// Fast path: `approx(a) / bf * scale` in f64 is within 5 f64 ulps of the true value
-/// (three roundings in `a`, one in `bf`, one in the division; the scale is exact), so
-/// unless it lies within 16 ulps of the midpoint between two f32s its f32 rounding is the
-/// correct one. Otherwise (about one value in 2^24, or exact midpoints, subnormal and
-/// huge results) the exact [`round_ratio`] decides.
+/// For a normal result near a midpoint, that midpoint `c * 2^k` (`c` odd, 25 bits) is
+/// compared exactly with the true value: `m` against `c * b * 2^(k - e)`. The estimate is
+/// within 6 f64 ulps of the true value and the other midpoints are 2^29 ulps away, so the
+/// answer is one of the two f32s around this one. Subnormal and near-overflow results
+/// take the exact long division of [`round_ratio`].
+fn finish_slow(m: u128, b: u128, e: i32, z: f64) -> Option<f32> {
+    if m == 0 {
+        return Some(0.0);
+    }
+    if !(pow2(-125)..pow2(127)).contains(&z) {
+        return round_ratio(m, b, e);
+    }
+    let below = z.to_bits() & !((1 << 29) - 1);
+    let mid = below | (1 << 28);
+    let c = ((mid & ((1 << 52) - 1)) | (1 << 52)) >> 28;
+    let k = ((mid >> 52) & 0x7ff) as i32 - 1075 + 28;
+    // Exact: `below` keeps only the f32's bits of a normal value.
+    let down = f64::from_bits(below) as f32;
+    let up = f32::from_bits(down.to_bits() + 1);
+    Some(match cmp_scaled(m, c as u32, b, k - e) {
+        std::cmp::Ordering::Less => down,
+        std::cmp::Ordering::Greater => up,
+        std::cmp::Ordering::Equal if down.to_bits() & 1 == 0 => down,
+        std::cmp::Ordering::Equal => up,
+    })
+}
+
+/// One element of [`finish`]: `(a / b) * 2^e` rounded once to f32, the sign of `a` times
+/// the sign of `b` (given as `b_abs` and `neg_b`); `r` is `2^e / b_abs` in f64.
 #[inline(always)]
-fn finish_one(a: i128, b_abs: u128, neg_b: bool, bf: f64, scale: f64, e: i32) -> Option<f32> {
+fn finish_one(a: i128, b_abs: u128, neg_b: bool, r: f64, e: i32) -> Option<f32> {
+    let (v, safe) = finish_fast(a, neg_b, r);
+    if safe {
+        return Some(v);
+    }
     let m = a.unsigned_abs();
-    let neg = (a < 0) != neg_b;
-    let z = approx_f64(m) / bf * scale;
-    let extra = (z.to_bits() & ((1 << 29) - 1)) as i64;
-    let safe = (pow2(-125)..pow2(127)).contains(&z) && (extra - (1 << 28)).abs() > 16;
-    let v = if m == 0 {
-        0.0
-    } else if safe {
-        z as f32
-    } else {
-        round_ratio(m, b_abs, e)?
-    };
-    Some(if neg { -v } else { v })
+    let v = finish_slow(m, b_abs, e, approx_f64(m) * r)?;
+    Some(if (a < 0) != neg_b { -v } else { v })
+}
+
+/// Elements per pass of [`finish_range`]: the fast loop over a block runs without
+/// branches and lists the unsure elements, which a second loop settles.
+const FINISH_PASS: usize = 1024;
+
+/// `out[j] = f32(src[j] / b * 2^e)`; `Err(j)` for the first element beyond f32's range.
+#[inline(always)]
+fn finish_range_portable(
+    out: &mut [f32],
+    src: &[i128],
+    b_abs: u128,
+    neg_b: bool,
+    r: f64,
+    e: i32,
+) -> Result<(), usize> {
+    let mut unsure = [0u16; FINISH_PASS];
+    for (p, (out, src)) in out
+        .chunks_mut(FINISH_PASS)
+        .zip(src.chunks(FINISH_PASS))
+        .enumerate()
+    {
+        // Unconditional store, conditional count: no branch in the fast loop.
+        let mut n = 0;
+        for (j, (o, &a)) in out.iter_mut().zip(src).enumerate() {
+            let (v, safe) = finish_fast(a, neg_b, r);
+            *o = v;
+            unsure[n] = j as u16;
+            n += !safe as usize;
+        }
+        for &j in &unsure[..n] {
+            let j = j as usize;
+            out[j] = finish_one(src[j], b_abs, neg_b, r, e).ok_or(p * FINISH_PASS + j)?;
+        }
+    }
+    Ok(())
+}
+
+/// [`finish_range_portable`], compiled a second time with AVX2 where the CPU has it: the
+/// same f64 operations (no fused multiply-add), so the same bits.
+fn finish_range(
+    out: &mut [f32],
+    src: &[i128],
+    b_abs: u128,
+    neg_b: bool,
+    r: f64,
+    e: i32,
+) -> Result<(), usize> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the running CPU supports AVX2.
+        return unsafe { finish_range_avx2(out, src, b_abs, neg_b, r, e) };
+    }
+    finish_range_portable(out, src, b_abs, neg_b, r, e)
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn finish_range_avx2(
+    out: &mut [f32],
+    src: &[i128],
+    b_abs: u128,
+    neg_b: bool,
+    r: f64,
+    e: i32,
+) -> Result<(), usize> {
+    finish_range_portable(out, src, b_abs, neg_b, r, e)
 }
 
 /// An exact weighted sum of vectors (see the module doc).
@@ -710,15 +858,12 @@ impl ExactSum {
         threads: usize,
     ) -> Result<(), ExactError> {
         let b_abs = b.unsigned_abs();
-        let bf = b_abs as f64;
-        let scale = pow2(e);
+        // One rounding in `b` as f64, one in the division; the power of two is exact.
+        let r = pow2(e) / b_abs as f64;
         let results = par_chunks(out, threads, |chunk, offset| {
             let src = &self.acc[offset..offset + chunk.len()];
-            for (j, (o, &a)) in chunk.iter_mut().zip(src).enumerate() {
-                *o = finish_one(a, b_abs, b < 0, bf, scale, e)
-                    .ok_or(ExactError::MeanOutOfRange { index: offset + j })?;
-            }
-            Ok(())
+            finish_range(chunk, src, b_abs, b < 0, r, e)
+                .map_err(|j| ExactError::MeanOutOfRange { index: offset + j })
         });
         results.into_iter().collect()
     }
@@ -922,9 +1067,62 @@ mod tests {
             let a = ((r() as i128) << (r() % 62) >> (r() % 64)) * if r() & 1 == 0 { 1 } else { -1 };
             let b = ((r() >> (r() % 64)) as u128).max(1) << (r() % 60);
             let e = (r() % 100) as i32 - 60;
-            let got = finish_one(a, b, false, b as f64, pow2(e), e);
+            let got = finish_one(a, b, false, pow2(e) / b as f64, e);
             let want = round_ratio(a.unsigned_abs(), b, e).map(|v| if a < 0 { -v } else { v });
             assert_eq!(got, want, "{a} {b} {e}");
+        }
+    }
+
+    #[test]
+    fn midpoints_settle_exactly() {
+        // a = c * b * 2^s with c odd and 25 bits: (a / b) * 2^e is exactly the midpoint
+        // c * 2^(s + e) between two f32s; a -/+ 1 lies just below/above it. Shifts both
+        // ways exercise both sides of the scaled comparison.
+        let mut r = rng(4);
+        let mut slow = 0;
+        for i in 0..100_000 {
+            let c = ((r() % (1 << 24)) as u128) << 1 | 1 | 1 << 24;
+            let b = ((r() >> (r() % 64)) as u128).max(1) << (r() % 40);
+            let room = 126 - (128 - c.leading_zeros()) - (128 - b.leading_zeros());
+            let s = r() % (room.min(30) as u64 + 1);
+            // Or a = c * b / 2^t where b's trailing zeros allow it.
+            let t = r() % (b.trailing_zeros() as u64 + 1);
+            let base = if i % 2 == 0 {
+                (c * b) << s
+            } else {
+                (c * b) >> t
+            };
+            let a = base as i128 + (i % 3) as i128 - 1;
+            let e = (r() % 120) as i32 - 80;
+            let neg_b = r() & 1 == 0;
+            let a = if r() & 1 == 0 { -a } else { a };
+            let r_ = pow2(e) / b as f64;
+            let got = finish_one(a, b, neg_b, r_, e);
+            let want =
+                round_ratio(a.unsigned_abs(), b, e).map(|v| if (a < 0) != neg_b { -v } else { v });
+            assert_eq!(got, want, "{a} {b} {e}");
+            slow += !finish_fast(a, neg_b, r_).1 as usize;
+        }
+        // Most of these take the exact comparison.
+        assert!(slow > 50_000, "{slow}");
+    }
+
+    #[test]
+    fn u64_conversion_rounds_once() {
+        let mut r = rng(5);
+        for _ in 0..100_000 {
+            let v = r() >> (r() % 64);
+            assert_eq!(u64_to_f64(v), v as f64, "{v}");
+        }
+        for v in [
+            0,
+            1,
+            u64::MAX,
+            1 << 63,
+            (1 << 53) + 1,
+            (1 << 63) + (1 << 10),
+        ] {
+            assert_eq!(u64_to_f64(v), v as f64, "{v}");
         }
     }
 
