@@ -641,15 +641,126 @@ fn finish_one(a: i128, b_abs: u128, neg_b: bool, r: f64, e: i32) -> Option<f32> 
 /// branches and lists the unsure elements, which a second loop settles.
 const FINISH_PASS: usize = 1024;
 
+/// [`finish_fast`] over one block: writes every output, lists the unsure elements'
+/// indices in `unsure` and returns how many there are.
+#[inline(always)]
+fn finish_block(out: &mut [f32], src: &[i128], neg_b: bool, r: f64, unsure: &mut [u16]) -> usize {
+    // Unconditional store, conditional count: no branch in the loop.
+    let mut n = 0;
+    for (j, (o, &a)) in out.iter_mut().zip(src).enumerate() {
+        let (v, safe) = finish_fast(a, neg_b, r);
+        *o = v;
+        unsure[n] = j as u16;
+        n += !safe as usize;
+    }
+    n
+}
+
+/// [`finish_block`] four elements at a time: the same f64 operations (so the same bits),
+/// with the 128-bit absolute values and the two u64 conversions in vector registers.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn finish_block_avx2(
+    out: &mut [f32],
+    src: &[i128],
+    neg_b: bool,
+    r: f64,
+    unsure: &mut [u16],
+) -> usize {
+    use std::arch::x86_64::*;
+    assert!(out.len() == src.len() && unsure.len() >= src.len());
+    let main = src.len() / 4 * 4;
+    let zero = _mm256_setzero_si256();
+    let neg_bv = _mm256_set1_epi64x(-(neg_b as i64));
+    let sign_bit = _mm256_set1_epi64x(i64::MIN);
+    let low32 = _mm256_set1_epi64x(0xffff_ffff);
+    let (exp84, exp52) = (
+        _mm256_set1_epi64x(0x4530_0000_0000_0000),
+        _mm256_set1_epi64x(0x4330_0000_0000_0000),
+    );
+    let join = _mm256_set1_pd(pow2(84) + pow2(52));
+    let (two64, rv) = (_mm256_set1_pd(pow2(64)), _mm256_set1_pd(r));
+    let (tiny, huge) = (_mm256_set1_pd(pow2(-125)), _mm256_set1_pd(pow2(127)));
+    let extra_mask = _mm256_set1_epi64x((1 << 29) - 1);
+    let (half, above, below) = (
+        _mm256_set1_epi64x(1 << 28),
+        _mm256_set1_epi64x(16),
+        _mm256_set1_epi64x(-16),
+    );
+    let to_f64 = |v: __m256i| {
+        let hi = _mm256_castsi256_pd(_mm256_or_si256(_mm256_srli_epi64::<32>(v), exp84));
+        let lo = _mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(v, low32), exp52));
+        _mm256_add_pd(_mm256_sub_pd(hi, join), lo)
+    };
+    let sp = src.as_ptr() as *const __m256i;
+    let mut n = 0;
+    let mut i = 0;
+    while i < main {
+        // SAFETY: i + 4 <= src.len() = out.len(): the two 32-byte loads (elements i..i+4)
+        // and the 16-byte store are in bounds.
+        let (v0, v1) = unsafe {
+            (
+                _mm256_loadu_si256(sp.add(i / 2)),
+                _mm256_loadu_si256(sp.add(i / 2 + 1)),
+            )
+        };
+        // [l0 l2 l1 l3] and [h0 h2 h1 h3], reordered to element order.
+        let lo = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_unpacklo_epi64(v0, v1));
+        let hi = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_unpackhi_epi64(v0, v1));
+        // |a| = (a ^ s) - s for s = sign mask, the +1 carrying into the high word.
+        let s = _mm256_cmpgt_epi64(zero, hi);
+        let lo = _mm256_sub_epi64(_mm256_xor_si256(lo, s), s);
+        let carry = _mm256_and_si256(s, _mm256_cmpeq_epi64(lo, zero));
+        let hi = _mm256_sub_epi64(_mm256_xor_si256(hi, s), carry);
+        let z = _mm256_mul_pd(
+            _mm256_add_pd(_mm256_mul_pd(to_f64(hi), two64), to_f64(lo)),
+            rv,
+        );
+        let extra = _mm256_sub_epi64(_mm256_and_si256(_mm256_castpd_si256(z), extra_mask), half);
+        let far = _mm256_or_si256(
+            _mm256_cmpgt_epi64(extra, above),
+            _mm256_cmpgt_epi64(below, extra),
+        );
+        let in_range = _mm256_or_pd(
+            _mm256_cmp_pd::<_CMP_EQ_OQ>(z, _mm256_setzero_pd()),
+            _mm256_and_pd(
+                _mm256_cmp_pd::<_CMP_GE_OQ>(z, tiny),
+                _mm256_cmp_pd::<_CMP_LT_OQ>(z, huge),
+            ),
+        );
+        let safe = _mm256_and_pd(in_range, _mm256_castsi256_pd(far));
+        // Rounding to nearest is symmetric, so the sign can go on before the conversion.
+        let neg = _mm256_and_si256(_mm256_xor_si256(s, neg_bv), sign_bit);
+        let v = _mm256_cvtpd_ps(_mm256_xor_pd(z, _mm256_castsi256_pd(neg)));
+        // SAFETY: see the loads above.
+        unsafe { _mm_storeu_ps(out.as_mut_ptr().add(i), v) };
+        let bad = !_mm256_movemask_pd(safe) & 0b1111;
+        for k in 0..4 {
+            unsure[n] = (i + k) as u16;
+            n += (bad >> k) as usize & 1;
+        }
+        i += 4;
+    }
+    let rest = finish_block(&mut out[main..], &src[main..], neg_b, r, &mut unsure[n..]);
+    for u in &mut unsure[n..n + rest] {
+        *u += main as u16;
+    }
+    n + rest
+}
+
 /// `out[j] = f32(src[j] / b * 2^e)`; `Err(j)` for the first element beyond f32's range.
 #[inline(always)]
-fn finish_range_portable(
+fn finish_range_with(
     out: &mut [f32],
     src: &[i128],
     b_abs: u128,
     neg_b: bool,
     r: f64,
     e: i32,
+    block: impl Fn(&mut [f32], &[i128], &mut [u16]) -> usize,
 ) -> Result<(), usize> {
     let mut unsure = [0u16; FINISH_PASS];
     for (p, (out, src)) in out
@@ -657,14 +768,7 @@ fn finish_range_portable(
         .zip(src.chunks(FINISH_PASS))
         .enumerate()
     {
-        // Unconditional store, conditional count: no branch in the fast loop.
-        let mut n = 0;
-        for (j, (o, &a)) in out.iter_mut().zip(src).enumerate() {
-            let (v, safe) = finish_fast(a, neg_b, r);
-            *o = v;
-            unsure[n] = j as u16;
-            n += !safe as usize;
-        }
+        let n = block(out, src, &mut unsure);
         for &j in &unsure[..n] {
             let j = j as usize;
             out[j] = finish_one(src[j], b_abs, neg_b, r, e).ok_or(p * FINISH_PASS + j)?;
@@ -673,8 +777,20 @@ fn finish_range_portable(
     Ok(())
 }
 
-/// [`finish_range_portable`], compiled a second time with AVX2 where the CPU has it: the
-/// same f64 operations (no fused multiply-add), so the same bits.
+fn finish_range_portable(
+    out: &mut [f32],
+    src: &[i128],
+    b_abs: u128,
+    neg_b: bool,
+    r: f64,
+    e: i32,
+) -> Result<(), usize> {
+    finish_range_with(out, src, b_abs, neg_b, r, e, |o, s, u| {
+        finish_block(o, s, neg_b, r, u)
+    })
+}
+
+/// [`finish_range_portable`] with an AVX2 fast loop where the CPU has it (the same bits).
 fn finish_range(
     out: &mut [f32],
     src: &[i128],
@@ -685,24 +801,11 @@ fn finish_range(
 ) -> Result<(), usize> {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the running CPU supports AVX2.
-        return unsafe { finish_range_avx2(out, src, b_abs, neg_b, r, e) };
+        return finish_range_with(out, src, b_abs, neg_b, r, e, |o, s, u| {
+            // SAFETY: the running CPU supports AVX2.
+            unsafe { finish_block_avx2(o, s, neg_b, r, u) }
+        });
     }
-    finish_range_portable(out, src, b_abs, neg_b, r, e)
-}
-
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn finish_range_avx2(
-    out: &mut [f32],
-    src: &[i128],
-    b_abs: u128,
-    neg_b: bool,
-    r: f64,
-    e: i32,
-) -> Result<(), usize> {
     finish_range_portable(out, src, b_abs, neg_b, r, e)
 }
 
@@ -1105,6 +1208,66 @@ mod tests {
         }
         // Most of these take the exact comparison.
         assert!(slow > 50_000, "{slow}");
+    }
+
+    #[test]
+    fn finish_dispatch_agrees_with_long_division() {
+        // Blocks of every kind of element, an odd length, both signs of the weight; the
+        // vector and portable loops against the exact reference, element by element.
+        let mut r = rng(6);
+        let b: u128 = 0x1234_5678_9abc_def0_1357 << 3;
+        let src: Vec<i128> = (0..5003)
+            .map(|i| {
+                let v = match i % 8 {
+                    // Zero, and whole multiples of 2^64 (a carry in |a|).
+                    0 if i % 16 == 0 => 0,
+                    0 => ((r() >> 30) as i128) << 64,
+                    1 => -1,
+                    2 => (r() as i128) << 40 >> (r() % 100),
+                    // Exact midpoints of the mean and their neighbours.
+                    3..=5 => {
+                        let c = (r() % (1 << 24)) as i128 * 2 + 1 + (1 << 24);
+                        ((c * b as i128) << (r() % 20) >> 3) + (i % 8) as i128 - 4
+                    }
+                    6 => r() as i128, // tiny means (subnormal after scaling below)
+                    _ => ((r() as i128) << 63) + r() as i128,
+                };
+                if r() & 1 == 0 {
+                    -v
+                } else {
+                    v
+                }
+            })
+            .collect();
+        for (e, neg_b) in [
+            (0, false),
+            (0, true),
+            (-40, false),
+            (-200, true),
+            (90, false),
+        ] {
+            let rr = pow2(e) / b as f64;
+            let (mut x, mut y) = (vec![0f32; src.len()], vec![0f32; src.len()]);
+            let got = finish_range(&mut x, &src, b, neg_b, rr, e);
+            let port = finish_range_portable(&mut y, &src, b, neg_b, rr, e);
+            assert_eq!(got, port);
+            let unsure = src
+                .iter()
+                .filter(|&&a| !finish_fast(a, neg_b, rr).1)
+                .count();
+            assert!(unsure > 500, "{unsure}");
+            let want = src
+                .iter()
+                .position(|&a| round_ratio(a.unsigned_abs(), b, e).is_none());
+            assert_eq!(got.err(), want, "{e}");
+            let end = want.unwrap_or(src.len()) / FINISH_PASS * FINISH_PASS;
+            for (j, &a) in src[..end].iter().enumerate() {
+                let w = round_ratio(a.unsigned_abs(), b, e).unwrap();
+                let w = if (a < 0) != neg_b { -w } else { w };
+                assert_eq!(x[j].to_bits(), w.to_bits(), "{j} {a} {e}");
+                assert_eq!(y[j].to_bits(), w.to_bits(), "{j} {a} {e}");
+            }
+        }
     }
 
     #[test]
