@@ -953,13 +953,19 @@ impl ExactSum {
     }
 
     /// `out[j] = f32(acc[j] / b * 2^e)`, each rounded once.
-    fn finish_into(
+    fn finish_scaled(
         &self,
         out: &mut [f32],
         b: i128,
         e: i32,
         threads: usize,
     ) -> Result<(), ExactError> {
+        if out.len() != self.len() {
+            return Err(ExactError::LengthMismatch {
+                len: out.len(),
+                expected: self.len(),
+            });
+        }
         let b_abs = b.unsigned_abs();
         // One rounding in `b` as f64, one in the division; the power of two is exact.
         let r = pow2(e) / b_abs as f64;
@@ -973,22 +979,39 @@ impl ExactSum {
 
     /// The weighted mean `sum_i w_i x_i / sum_i w_i`, each element rounded once to f32.
     pub fn finish(&self, threads: usize) -> Result<Vec<f32>, ExactError> {
+        let mut out = vec![0f32; self.len()];
+        self.finish_into(&mut out, threads)?;
+        Ok(out)
+    }
+
+    /// [`finish`](Self::finish) into `out` (of the sum's length). A caller that owns
+    /// memory already faulted in, or backed by huge pages, saves the first-touch cost of
+    /// a fresh allocation, which is larger than the rounding itself.
+    pub fn finish_into(&self, out: &mut [f32], threads: usize) -> Result<(), ExactError> {
         if self.weight == 0 {
             return Err(ExactError::ZeroWeight);
         }
-        let mut out = vec![0f32; self.len()];
         let e = WEIGHT_GRID as i32 - self.grid as i32;
-        self.finish_into(&mut out, self.weight, e, threads)?;
-        Ok(out)
+        self.finish_scaled(out, self.weight, e, threads)
     }
 
     /// The weighted sum `sum_i w_i x_i`, each element rounded once to f32. Always in range:
     /// `|acc| < 2^127` quanta of `2^-grid <= 1`, below f32's largest value.
     pub fn finish_sum(&self, threads: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.len()];
-        self.finish_into(&mut out, 1, -(self.grid as i32), threads)
-            .expect("a sum below 2^127 fits f32");
+        self.finish_sum_into(&mut out, threads)
+            .expect("the output has the sum's length");
         out
+    }
+
+    /// [`finish_sum`](Self::finish_sum) into `out`; fails only on a length mismatch.
+    pub fn finish_sum_into(&self, out: &mut [f32], threads: usize) -> Result<(), ExactError> {
+        let e = -(self.grid as i32);
+        self.finish_scaled(out, 1, e, threads)
+            .map_err(|err| match err {
+                ExactError::LengthMismatch { .. } => err,
+                _ => unreachable!("a sum below 2^127 fits f32"),
+            })
     }
 
     /// Bytes in [`to_bytes`](Self::to_bytes)' format.
@@ -1339,6 +1362,17 @@ mod tests {
         s.add(Input::F32(&b), 6.0, 1).unwrap();
         // (3 + 3(1+e) + 6(1+e)) / 12 = 1 + 0.75e: rounds up to 1 + e.
         assert_eq!(s.finish(1).unwrap(), vec![1.0 + f32::EPSILON]);
+        let mut out = [0f32; 1];
+        s.finish_into(&mut out, 1).unwrap();
+        assert_eq!(out, [1.0 + f32::EPSILON]);
+        s.finish_sum_into(&mut out, 1).unwrap();
+        assert_eq!(out, [12.0 + 9.0 * f32::EPSILON]);
+        let wrong = Err(ExactError::LengthMismatch {
+            len: 2,
+            expected: 1,
+        });
+        assert_eq!(s.finish_into(&mut [0.0; 2], 1), wrong);
+        assert_eq!(s.finish_sum_into(&mut [0.0; 2], 1), wrong);
     }
 
     #[test]

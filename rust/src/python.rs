@@ -388,17 +388,34 @@ impl PyExactSum {
         py.detach(|| inner.merge(src, threads)).map_err(exact_err)
     }
 
+    // The output is allocated by numpy, which advises huge pages for large arrays: a plain
+    // Vec's first touch page by page costs more than the rounding.
     #[pyo3(signature = (threads=1))]
     fn finish<'py>(&self, py: Python<'py>, threads: usize) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let array = PyArray1::<f32>::zeros(py, self.inner.len(), false);
+        let mut rw = array.readwrite();
+        let out = rw.as_slice_mut().expect("a new array is contiguous");
         let inner = &self.inner;
-        let out = py.detach(|| inner.finish(threads)).map_err(exact_err)?;
-        Ok(PyArray1::from_vec(py, out))
+        py.detach(|| inner.finish_into(out, threads))
+            .map_err(exact_err)?;
+        drop(rw);
+        Ok(array)
     }
 
     #[pyo3(signature = (threads=1))]
-    fn finish_sum<'py>(&self, py: Python<'py>, threads: usize) -> Bound<'py, PyArray1<f32>> {
+    fn finish_sum<'py>(
+        &self,
+        py: Python<'py>,
+        threads: usize,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let array = PyArray1::<f32>::zeros(py, self.inner.len(), false);
+        let mut rw = array.readwrite();
+        let out = rw.as_slice_mut().expect("a new array is contiguous");
         let inner = &self.inner;
-        PyArray1::from_vec(py, py.detach(|| inner.finish_sum(threads)))
+        py.detach(|| inner.finish_sum_into(out, threads))
+            .map_err(exact_err)?;
+        drop(rw);
+        Ok(array)
     }
 
     fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
