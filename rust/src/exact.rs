@@ -362,8 +362,8 @@ fn add_range<const SUB: bool>(acc: &mut [i128], x: Input<'_>, offset: usize, ws:
 ///
 /// Per lane, `grid_parts` gives `n = hi * 2^52 + lo` (`|hi| <= 2^51`, `|lo| <= 2^51`);
 /// as two 64-bit words that is `low = (hi << 52) + lo` (mod 2^64) and
-/// `high = (hi >> 12) + (lo < 0 ? -1 : 0) + carry(low)`. Pairs of (low, high) are then
-/// interleaved into the i128 layout and added with a carry from the low word.
+/// `high = (hi >> 12) + (lo < 0 ? -1 : 0) + carry(low)`, added to the accumulator's words
+/// with a carry from the low word.
 ///
 /// # Safety
 /// The CPU must support AVX2.
@@ -393,7 +393,9 @@ unsafe fn add_f32_avx2<const SUB: bool>(acc: &mut [i128], x: &[f32], ws: f64) ->
         // SAFETY: i + 4 <= x.len() = acc.len(), so the 4 floats read here and the two
         // 32-byte (2 x i128) accumulator blocks at i/2 and i/2 + 1 are in bounds.
         unsafe {
-            let s = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(xp.add(i))), ws_v);
+            // Terms in the order [0 2 1 3], which is how the accumulator's words unpack.
+            let xs = _mm_permute_ps::<0b11_01_10_00>(_mm_loadu_ps(xp.add(i)));
+            let s = _mm256_mul_pd(_mm256_cvtps_pd(xs), ws_v);
             let good = _mm256_cmp_pd::<_CMP_LT_OQ>(_mm256_and_pd(s, abs_mask), limit);
             ok = _mm256_and_pd(ok, good);
             let s = _mm256_and_pd(s, good);
@@ -412,31 +414,25 @@ unsafe fn add_f32_avx2<const SUB: bool>(acc: &mut [i128], x: &[f32], ws: f64) ->
             );
             let high =
                 _mm256_sub_epi64(_mm256_add_epi64(top, _mm256_cmpgt_epi64(zero, lo_i)), carry);
-            // [L0 L2 L1 L3] and [H0 H2 H1 H3], then per 128-bit lane: [L0 H0 | L1 H1], [L2 H2 | L3 H3].
-            let low = _mm256_permute4x64_epi64::<0b11_01_10_00>(low);
-            let high = _mm256_permute4x64_epi64::<0b11_01_10_00>(high);
+            // Accumulator blocks [l0 h0 | l1 h1] and [l2 h2 | l3 h3] unpack to
+            // [l0 l2 | l1 l3] and [h0 h2 | h1 h3], the terms' order; 128-bit adds in that
+            // form, with the low word's carry, then the same unpacks restore the layout.
             let p = ap.add(i / 2);
-            for (k, n) in [
-                _mm256_unpacklo_epi64(low, high),
-                _mm256_unpackhi_epi64(low, high),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                let a = _mm256_loadu_si256(p.add(k));
-                let r = if SUB {
-                    let r = _mm256_sub_epi64(a, n);
-                    let borrow =
-                        _mm256_cmpgt_epi64(_mm256_xor_si256(n, flip), _mm256_xor_si256(a, flip));
-                    _mm256_add_epi64(r, _mm256_slli_si256::<8>(borrow))
-                } else {
-                    let r = _mm256_add_epi64(a, n);
-                    let carry =
-                        _mm256_cmpgt_epi64(_mm256_xor_si256(a, flip), _mm256_xor_si256(r, flip));
-                    _mm256_sub_epi64(r, _mm256_slli_si256::<8>(carry))
-                };
-                _mm256_storeu_si256(p.add(k), r);
-            }
+            let (a0, a1) = (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)));
+            let (a_lo, a_hi) = (_mm256_unpacklo_epi64(a0, a1), _mm256_unpackhi_epi64(a0, a1));
+            let (r_lo, r_hi) = if SUB {
+                let r_lo = _mm256_sub_epi64(a_lo, low);
+                let borrow =
+                    _mm256_cmpgt_epi64(_mm256_xor_si256(low, flip), _mm256_xor_si256(a_lo, flip));
+                (r_lo, _mm256_add_epi64(_mm256_sub_epi64(a_hi, high), borrow))
+            } else {
+                let r_lo = _mm256_add_epi64(a_lo, low);
+                let carry =
+                    _mm256_cmpgt_epi64(_mm256_xor_si256(a_lo, flip), _mm256_xor_si256(r_lo, flip));
+                (r_lo, _mm256_sub_epi64(_mm256_add_epi64(a_hi, high), carry))
+            };
+            _mm256_storeu_si256(p, _mm256_unpacklo_epi64(r_lo, r_hi));
+            _mm256_storeu_si256(p.add(1), _mm256_unpackhi_epi64(r_lo, r_hi));
         }
         i += 4;
     }
