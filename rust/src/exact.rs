@@ -475,8 +475,9 @@ fn input_value(x: &Input<'_>, j: usize) -> f64 {
 }
 
 /// `(a / b) * 2^e` rounded once to the nearest f32, ties to even; `None` when that is
-/// beyond the f32 range. Needs `b > 0` and `a, b < 2^127`. Exact long division: the
-/// slow path of [`finish`], and the reference the fast path is tested against.
+/// beyond the f32 range. Needs `b > 0` and `a, b < 2^127`. Exact long division: what
+/// [`finish`] falls back on for subnormal and near-overflow results, and the reference the
+/// faster paths are tested against.
 pub fn round_ratio(a: u128, b: u128, e: i32) -> Option<f32> {
     if a == 0 {
         return Some(0.0);
