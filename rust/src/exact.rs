@@ -593,11 +593,11 @@ fn finish_slow(m: u128, b: u128, e: i32, z: f64) -> Option<f32> {
     let k = ((mid >> 52) & 0x7ff) as i32 - 1075 + 28;
     // Exact: `below` keeps only the f32's bits of a normal value.
     let down = f64::from_bits(below) as f32;
-    let up = f32::from_bits(down.to_bits() + 1);
     let ord = cmp_scaled(m, c as u32, b, k - e);
-    // Ties to even; a select rather than branches, as the order is data-dependent.
+    // Ties to even. Integer arithmetic rather than a branch: the order is data-dependent
+    // and a mispredicted branch costs as much as the rest of this function.
     let round_up = ord.is_gt() | (ord.is_eq() & (down.to_bits() & 1 == 1));
-    Some(if round_up { up } else { down })
+    Some(f32::from_bits(down.to_bits() + round_up as u32))
 }
 
 /// One element of [`finish`]: `(a / b) * 2^e` rounded once to f32, the sign of `a` times
@@ -616,7 +616,10 @@ fn finish_one(a: i128, b_abs: u128, neg_b: bool, r: f64, e: i32) -> Option<f32> 
 fn finish_unsure(a: i128, b_abs: u128, neg_b: bool, r: f64, e: i32) -> Option<f32> {
     let m = a.unsigned_abs();
     let v = finish_slow(m, b_abs, e, approx_f64(m) * r)?;
-    Some(if (a < 0) != neg_b { -v } else { v })
+    // The sign by bits, without a data-dependent branch.
+    Some(f32::from_bits(
+        v.to_bits() ^ ((((a < 0) != neg_b) as u32) << 31),
+    ))
 }
 
 /// Elements per pass of [`finish_range`]: the fast loop over a block runs without
