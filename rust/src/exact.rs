@@ -641,6 +641,25 @@ fn finish_block(out: &mut [f32], src: &[i128], neg_b: bool, r: f64, unsure: &mut
     n
 }
 
+/// For each 4-bit mask, the positions of its set bits as u16 lanes, lowest first.
+#[cfg(target_arch = "x86_64")]
+const UNSURE_LANES: [u64; 16] = {
+    let mut table = [0u64; 16];
+    let mut mask = 0;
+    while mask < 16 {
+        let (mut lane, mut bit) = (0, 0);
+        while bit < 4 {
+            if mask >> bit & 1 == 1 {
+                table[mask] |= (bit as u64) << (16 * lane);
+                lane += 1;
+            }
+            bit += 1;
+        }
+        mask += 1;
+    }
+    table
+};
+
 /// [`finish_block`] four elements at a time: the same f64 operations (so the same bits),
 /// with the 128-bit absolute values and the two u64 conversions in vector registers.
 ///
@@ -722,11 +741,17 @@ unsafe fn finish_block_avx2(
         let v = _mm256_cvtpd_ps(_mm256_xor_pd(z, _mm256_castsi256_pd(neg)));
         // SAFETY: see the loads above.
         unsafe { _mm_storeu_ps(out.as_mut_ptr().add(i), v) };
-        let bad = !_mm256_movemask_pd(safe) & 0b1111;
-        for k in 0..4 {
-            unsure[n] = (i + k) as u16;
-            n += (bad >> k) as usize & 1;
-        }
+        // The unsure lanes' indices, packed to the front of four u16s by a table, go out in
+        // one store; only the count moves. n + 4 <= i + 4 <= unsure.len().
+        let bad = (!_mm256_movemask_pd(safe) & 0b1111) as usize;
+        let packed = UNSURE_LANES[bad] + i as u64 * 0x0001_0001_0001_0001;
+        unsure[n..n + 4].copy_from_slice(&[
+            packed as u16,
+            (packed >> 16) as u16,
+            (packed >> 32) as u16,
+            (packed >> 48) as u16,
+        ]);
+        n += bad.count_ones() as usize;
         i += 4;
     }
     let rest = finish_block(&mut out[main..], &src[main..], neg_b, r, &mut unsure[n..]);
