@@ -519,9 +519,10 @@ pub fn round_ratio(a: u128, b: u128, e: i32) -> Option<f32> {
     v32.is_finite().then_some(v32)
 }
 
-/// `v` as f64, rounded once, without branches (the scalar conversion branches on the top
-/// bit, which is random in the low word of a sum): `2^84 + hi32 * 2^32` and
-/// `2^52 + lo32` are exact bit patterns, and one subtraction and one rounded add join them.
+/// `v` as f64, rounded once: `2^84 + hi32 * 2^32` and `2^52 + lo32` are exact bit
+/// patterns, and one subtraction and one rounded add join them. The compiler's own scalar
+/// conversion is this trick too; it is written out because AVX2 has no vector one, and
+/// the vector loop must visibly do the same operations as this portable one.
 #[inline(always)]
 fn u64_to_f64(v: u64) -> f64 {
     let hi = f64::from_bits(0x4530_0000_0000_0000 | (v >> 32));
@@ -529,7 +530,9 @@ fn u64_to_f64(v: u64) -> f64 {
     (hi - (pow2(84) + pow2(52))) + lo
 }
 
-/// `m` as f64 with at most three roundings (no cancellation: both halves are >= 0).
+/// `m` as f64 with at most three roundings (no cancellation: both halves are >= 0). No
+/// branch on whether the high half is zero: at the default grid that half is the sum's
+/// integer part, so sums on both sides of magnitude 1 would make it unpredictable.
 #[inline(always)]
 fn approx_f64(m: u128) -> f64 {
     u64_to_f64((m >> 64) as u64) * pow2(64) + u64_to_f64(m as u64)
