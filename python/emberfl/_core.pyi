@@ -8,8 +8,10 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "ExactSum",
     "MappedFile",
     "NonFiniteError",
+    "OutOfRangeError",
     "StoreError",
     "__version__",
     "accumulate",
@@ -25,6 +27,33 @@ class StoreError(ValueError):
 
 class NonFiniteError(ValueError):
     """An aggregation met NaN or Inf values."""
+
+class OutOfRangeError(ValueError):
+    """An exact sum met a term, a count or a mean beyond its range."""
+
+@final
+class ExactSum:
+    """An exact, order-independent weighted sum (see ``emberfl.aggregate.ExactSum``)."""
+
+    def __new__(cls, length: int, grid: int = 64) -> ExactSum: ...
+    @staticmethod
+    def from_bytes(data: bytes) -> ExactSum: ...
+    def __len__(self) -> int: ...
+    @property
+    def grid(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def weight_units(self) -> int: ...
+    @property
+    def term_limit(self) -> float: ...
+    def add(
+        self, x: npt.NDArray[np.generic], kind: str, weight: float, threads: int = 1
+    ) -> None: ...
+    def merge(self, other: ExactSum, threads: int = 1) -> None: ...
+    def finish(self, threads: int = 1) -> npt.NDArray[np.float32]: ...
+    def finish_sum(self, threads: int = 1) -> npt.NDArray[np.float32]: ...
+    def to_bytes(self) -> bytes: ...
 
 @final
 class MappedFile:

@@ -3,6 +3,7 @@
 //! feature adds the `emberfl._core` extension module.
 
 pub mod dtype;
+pub mod exact;
 pub mod header;
 pub mod kernels;
 pub mod store;

@@ -17,9 +17,10 @@ use numpy::{
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
+use pyo3::types::{PyBytes, PyDict, PyString};
 
 use crate::dtype::Dtype;
+use crate::exact::{self, ExactError};
 use crate::header::TensorInfo;
 use crate::kernels::{self, Input, KernelError};
 use crate::store::{self, StoreError as RustStoreError, TensorRef};
@@ -37,6 +38,13 @@ pyo3::create_exception!(
     "An aggregation met NaN or Inf values."
 );
 
+pyo3::create_exception!(
+    emberfl.aggregate,
+    OutOfRangeError,
+    PyValueError,
+    "An exact sum met a term, a count or a mean beyond its range."
+);
+
 fn store_err(e: RustStoreError) -> PyErr {
     StoreError::new_err(e.to_string())
 }
@@ -44,6 +52,16 @@ fn store_err(e: RustStoreError) -> PyErr {
 fn kernel_err(e: KernelError) -> PyErr {
     match e {
         KernelError::NonFinite { .. } => NonFiniteError::new_err(e.to_string()),
+        other => PyValueError::new_err(other.to_string()),
+    }
+}
+
+fn exact_err(e: ExactError) -> PyErr {
+    match e {
+        ExactError::NonFinite { .. } => NonFiniteError::new_err(e.to_string()),
+        ExactError::TermOutOfRange { .. }
+        | ExactError::MeanOutOfRange { .. }
+        | ExactError::TooManyAdds { .. } => OutOfRangeError::new_err(e.to_string()),
         other => PyValueError::new_err(other.to_string()),
     }
 }
@@ -282,6 +300,132 @@ fn find_nonfinite(
     Ok(py.detach(|| kernels::find_nonfinite(&ins, threads)))
 }
 
+const _: () = assert!(exact::DEFAULT_GRID == 64);
+
+/// An exact, order-independent weighted sum (`crate::exact`). Its work runs with the
+/// GIL released; a second thread using the same object meanwhile gets a borrow error.
+#[pyclass(name = "ExactSum", module = "emberfl._core")]
+struct PyExactSum {
+    inner: exact::ExactSum,
+}
+
+#[pymethods]
+impl PyExactSum {
+    // A literal, so that Python's signature shows it; the assertion keeps it in step.
+    #[new]
+    #[pyo3(signature = (length, grid=64))]
+    fn new(length: usize, grid: u32) -> PyResult<Self> {
+        Ok(PyExactSum {
+            inner: exact::ExactSum::new(length, grid).map_err(exact_err)?,
+        })
+    }
+
+    #[staticmethod]
+    fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
+        let inner = py
+            .detach(|| exact::ExactSum::from_bytes(data))
+            .map_err(exact_err)?;
+        Ok(PyExactSum { inner })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    #[getter]
+    fn grid(&self) -> u32 {
+        self.inner.grid()
+    }
+
+    #[getter]
+    fn count(&self) -> u64 {
+        self.inner.count()
+    }
+
+    /// The exact total weight in units of 2^-64.
+    #[getter]
+    fn weight_units(&self) -> i128 {
+        self.inner.weight_units()
+    }
+
+    #[getter]
+    fn term_limit(&self) -> f64 {
+        self.inner.term_limit()
+    }
+
+    #[pyo3(signature = (x, kind, weight, threads=1))]
+    fn add(
+        &mut self,
+        py: Python<'_>,
+        x: Bound<'_, PyAny>,
+        kind: Kind,
+        weight: f64,
+        threads: usize,
+    ) -> PyResult<()> {
+        let array = InputArray::borrow(&x, kind, "x")?;
+        let x = array.input("x")?;
+        let inner = &mut self.inner;
+        py.detach(|| inner.add(x, weight, threads))
+            .map_err(exact_err)
+    }
+
+    #[pyo3(signature = (other, threads=1))]
+    fn merge(slf: &Bound<'_, Self>, other: &Bound<'_, Self>, threads: usize) -> PyResult<()> {
+        let py = slf.py();
+        // Merging a sum into itself doubles it: merge a copy, as two borrows would clash.
+        let copy = slf.is(other).then(|| other.borrow().inner.clone());
+        let other_ref = if copy.is_none() {
+            Some(other.try_borrow()?)
+        } else {
+            None
+        };
+        let src = copy
+            .as_ref()
+            .or(other_ref.as_ref().map(|o| &o.inner))
+            .expect("one of the two is set");
+        let mut me = slf.try_borrow_mut()?;
+        let inner = &mut me.inner;
+        py.detach(|| inner.merge(src, threads)).map_err(exact_err)
+    }
+
+    // The output is allocated by numpy, which advises huge pages for large arrays: a plain
+    // Vec's first touch page by page costs more than the rounding.
+    #[pyo3(signature = (threads=1))]
+    fn finish<'py>(&self, py: Python<'py>, threads: usize) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let array = PyArray1::<f32>::zeros(py, self.inner.len(), false);
+        let mut rw = array.readwrite();
+        let out = rw.as_slice_mut().expect("a new array is contiguous");
+        let inner = &self.inner;
+        py.detach(|| inner.finish_into(out, threads))
+            .map_err(exact_err)?;
+        drop(rw);
+        Ok(array)
+    }
+
+    #[pyo3(signature = (threads=1))]
+    fn finish_sum<'py>(
+        &self,
+        py: Python<'py>,
+        threads: usize,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let array = PyArray1::<f32>::zeros(py, self.inner.len(), false);
+        let mut rw = array.readwrite();
+        let out = rw.as_slice_mut().expect("a new array is contiguous");
+        let inner = &self.inner;
+        py.detach(|| inner.finish_sum_into(out, threads))
+            .map_err(exact_err)?;
+        drop(rw);
+        Ok(array)
+    }
+
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        PyBytes::new_with(py, self.inner.byte_len(), |buf| {
+            self.inner.write_bytes(buf);
+            Ok(())
+        })
+    }
+}
+
 /// Writes a store file. `buffers[i]` holds tensor i's bytes as a 1-D uint8 array.
 #[pyfunction]
 #[pyo3(signature = (path, names, dtypes, shapes, buffers, metadata=None, durable=false))]
@@ -503,6 +647,8 @@ fn tensor_array<'py>(
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("StoreError", m.py().get_type::<StoreError>())?;
     m.add("NonFiniteError", m.py().get_type::<NonFiniteError>())?;
+    m.add("OutOfRangeError", m.py().get_type::<OutOfRangeError>())?;
+    m.add_class::<PyExactSum>()?;
     m.add_class::<PyMappedFile>()?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
     m.add_function(wrap_pyfunction!(weighted_sum, m)?)?;
