@@ -53,6 +53,10 @@ so they differ only in how clients are run and results gathered.
 Defaults are the full report (100 clients x 500 samples, 3 rounds, both models and
 regimes): it takes a long time on a small machine. Scale it down with ``--clients``,
 ``--rounds``, ``--samples``, ``--models`` and ``--regimes``.
+
+The script is one concept, this report, and stays one file (about 700 lines) so that it
+runs with nothing but emberfl installed: each implementation is a short runner, and the
+rest is the orchestration and memory sampling they share.
 """
 
 from __future__ import annotations
