@@ -419,6 +419,17 @@ mod tests {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
+    /// Writes a file holding one f32 tensor (not durable).
+    fn write_one_f32(path: &Path, name: &str, shape: &[usize], data: &[u8]) {
+        let tensor = TensorRef {
+            name,
+            dtype: Dtype::F32,
+            shape,
+            data,
+        };
+        write_file(path, &[tensor], None, false).unwrap();
+    }
+
     #[test]
     fn write_then_map_groups_by_dtype_and_round_trips() {
         let dir = tempfile::tempdir().unwrap();
@@ -468,18 +479,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
         let b = f32_bytes(&[1.0; 4]);
-        write_file(
-            &path,
-            &[TensorRef {
-                name: "x",
-                dtype: Dtype::F32,
-                shape: &[4],
-                data: &b,
-            }],
-            None,
-            false,
-        )
-        .unwrap();
+        write_one_f32(&path, "x", &[4], &b);
         let before = fs::read(&path).unwrap();
         let mut m = MappedFile::open(&path).unwrap();
         // SAFETY: the data section holds 16 bytes and `m` is alive; the mapping is
@@ -560,18 +560,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
         let b = f32_bytes(&[1.0, 2.0, 3.0, 4.0]);
-        write_file(
-            &path,
-            &[TensorRef {
-                name: "x",
-                dtype: Dtype::F32,
-                shape: &[4],
-                data: &b,
-            }],
-            None,
-            false,
-        )
-        .unwrap();
+        write_one_f32(&path, "x", &[4], &b);
         let full = fs::read(&path).unwrap();
         let cut = dir.path().join("cut.safetensors");
         for len in (0..full.len()).step_by(97).chain([full.len() - 1]) {
@@ -636,18 +625,7 @@ mod tests {
     fn empty_data_section_needs_no_mapping() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("e.safetensors");
-        write_file(
-            &path,
-            &[TensorRef {
-                name: "e",
-                dtype: Dtype::F32,
-                shape: &[0],
-                data: &[],
-            }],
-            None,
-            false,
-        )
-        .unwrap();
+        write_one_f32(&path, "e", &[0], &[]);
         let m = MappedFile::open(&path).unwrap();
         assert!(m.data().is_empty());
         assert_eq!(m.dtype_range(Dtype::F32).unwrap(), Some((0, 0)));
