@@ -16,8 +16,13 @@ import pytest
 import torch
 
 from emberfl import store
+from emberfl.data import StorePartitionedDataset, iid, load_digits
+from emberfl.models import ZooModelSelector
+from emberfl.simulation import write_store
 
 MNIST_ENV = "EMBERFL_MNIST_DIR"
+#: Clients of the ``digits`` fixture's federation.
+DIGITS_CLIENTS = 6
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +69,16 @@ def model_bytes() -> Callable[[Path], dict[str, bytes]]:
     """``model_bytes(run_dir)``: the final model of a run as raw bytes per tensor, for
     bitwise comparisons of runs (a resumed one against an uninterrupted one)."""
     return _model_bytes
+
+
+@pytest.fixture(scope="session")
+def digits(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[StorePartitionedDataset, ZooModelSelector]:
+    """scikit-learn's digits split IID over ``DIGITS_CLIENTS`` clients in a store, and
+    a model selector for them: a federation small enough for bitwise run comparisons."""
+    data = load_digits(seed=0)
+    written = write_store(
+        tmp_path_factory.mktemp("digits") / "store", data, iid(data.train_y, DIGITS_CLIENTS, 0)
+    )
+    return written, ZooModelSelector(data.in_shape, data.num_classes, seed=0)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from emberfl.aggregate import NonFiniteError
+from emberfl.aggregate import NonFiniteError, OutOfRangeError
 from emberfl.contrib import (
     FedAvgBaseClientTrainer,
     FedAvgBaseServerHandler,
@@ -28,24 +28,13 @@ from emberfl.contrib import (
     FedAvgUplinkPackage,
 )
 from emberfl.core import BaseServerHandler, IPCMode, deserialize_model, serialize_model
-from emberfl.data import StorePartitionedDataset, iid, load_digits
-from emberfl.models import ZooModelSelector
-from emberfl.simulation import write_store
+from emberfl.core.fold import InProcessFold
 from emberfl.streaming import StreamingSum
 
 # Bitwise comparisons need one torch thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CLIENTS = 6
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[StorePartitionedDataset, Any]:
-    data = load_digits(seed=0)
-    store = write_store(
-        tmp_path_factory.mktemp("digits") / "store", data, iid(data.train_y, CLIENTS, seed=0)
-    )
-    return store, ZooModelSelector(data.in_shape, data.num_classes, seed=0)
+CLIENTS = 6  # the digits fixture's (tests/conftest.py)
 
 
 def _handler(digits: Any, rounds: int = 2, ratio: float = 0.5, **kw: Any) -> Any:
@@ -176,7 +165,16 @@ def test_nonfinite_updates_raise_naming_the_client_or_are_dropped(
         _handler(digits, nonfinite="ignore")
 
 
-def test_folding_uplinks_as_they_arrive_equals_averaging_them(digits: Any) -> None:
+def _fold(handler: Any, uplinks: list[Any], order: list[int] | None = None) -> list[Any]:
+    """Fold ``uplinks`` for ``handler`` as a trainer would (in ``order``); the stand-ins."""
+    folding = InProcessFold(handler.uplink_fold(), len(uplinks))
+    for i in order if order is not None else range(len(uplinks)):
+        folding.add(i, uplinks[i])
+    folding.finish()
+    return folding.stand_ins
+
+
+def test_folding_uplinks_equals_averaging_them(digits: Any) -> None:
     n = serialize_model(_handler(digits).model).numel()
     gen = torch.Generator().manual_seed(0)
     uplinks = [
@@ -186,7 +184,8 @@ def test_folding_uplinks_as_they_arrive_equals_averaging_them(digits: Any) -> No
     classic, folding = _handler(digits), _handler(digits)
     for p in uplinks:
         classic.load(p)
-    stand_ins = [folding.fold_uplink(i, p) for i, p in enumerate(uplinks)]
+    # Folded in another order than the list's: the sums are exact, so it cannot matter.
+    stand_ins = _fold(folding, uplinks, order=[2, 0, 1])
     for stand_in, p in zip(stand_ins, uplinks, strict=True):
         assert stand_in.model_parameters.is_meta and stand_in.model_parameters.shape == (n,)
         assert (stand_in.cid, stand_in.data_size, stand_in.metadata) == (
@@ -202,23 +201,25 @@ def test_folding_uplinks_as_they_arrive_equals_averaging_them(digits: Any) -> No
     assert not torch.equal(folded_model, serialize_model(_handler(digits).model))
     expected = (17 * uplinks[0].model_parameters + 5 * uplinks[1].model_parameters) / 62
     torch.testing.assert_close(folded_model, expected + 40 * uplinks[2].model_parameters / 62)
-    # BlazeFL's helper is the same computation too.
+    # BlazeFL's helper is the same computation too, and the list's order is moot.
     weights = [p.data_size for p in uplinks]
     helper = FedAvgBaseServerHandler.aggregate([p.model_parameters for p in uplinks], weights)
     assert torch.equal(helper, folded_model)
+    reordered = _handler(digits)
+    for p in reversed(uplinks):
+        reordered.load(p)
+    assert torch.equal(serialize_model(reordered.model), folded_model)
 
     # Stand-ins mean nothing to another handler, and a round is folded whole or not at all.
     with pytest.raises(ValueError, match="stand-in"):
         _handler(digits).global_update(stand_ins)
     mixing = _handler(digits)
-    first = mixing.fold_uplink(0, uplinks[0])
-    mixing.fold_uplink(1, uplinks[1])
+    folded = _fold(mixing, uplinks)
     with pytest.raises(ValueError, match="all folded or none"):
-        mixing.global_update([first, uplinks[1], uplinks[2]])
-    # Index 0 starts a new round: a fold left over from a failed round is dropped.
-    mixing.fold_uplink(0, uplinks[0])
-    restarted = [mixing.fold_uplink(i, p) for i, p in enumerate(uplinks)]
-    mixing.global_update(restarted)
+        mixing.global_update([folded[0], uplinks[1], uplinks[2]])
+    # A round folded again replaces one left over from a failed round.
+    _fold(mixing, uplinks[:2])
+    mixing.global_update(_fold(mixing, uplinks))
     assert torch.equal(serialize_model(mixing.model), folded_model)
 
 
@@ -232,29 +233,25 @@ def test_folding_treats_nonfinite_updates_like_averaging(digits: Any) -> None:
         FedAvgUplinkPackage(5, torch.full((n,), 4.0), 1),
     ]
     raising = _handler(digits)
-    raising.fold_uplink(0, uplinks[0])
-    with pytest.raises(NonFiniteError, match=r"clients \[3\]"):
-        raising.fold_uplink(1, uplinks[1])
+    with pytest.raises(NonFiniteError, match=r"model updates of clients \[3\]"):
+        raising.global_update(_fold(raising, uplinks))
 
     classic, folding = _handler(digits, nonfinite="drop"), _handler(digits, nonfinite="drop")
     for p in uplinks:
         classic.load(p)
-    for i, p in enumerate(uplinks):
-        folding.load(folding.fold_uplink(i, p))
+    for stand_in in _fold(folding, uplinks):
+        folding.load(stand_in)
     assert classic.dropped == folding.dropped == [3]
     assert torch.equal(serialize_model(folding.model), serialize_model(classic.model))
     assert torch.equal(serialize_model(folding.model), torch.full((n,), 2.5))
 
-    # Finite updates whose sum overflows are refused on both paths.
+    # A term beyond the exact grid's range (|w * x| >= 2**39) is refused on both paths;
+    # below it, no sum of up to 2**24 terms can leave the float32 range.
     huge = [FedAvgUplinkPackage(c, torch.full((n,), 3e38), 1) for c in (0, 1, 2)]
-    classic = _handler(digits)
-    with pytest.raises(NonFiniteError):
-        for p in huge:
-            classic.load(p)
-    folding = _handler(digits)
-    stand_ins = [folding.fold_uplink(i, p) for i, p in enumerate(huge)]
-    with pytest.raises(NonFiniteError, match="overflowed"):
-        folding.global_update(stand_ins)
+    with pytest.raises(OutOfRangeError):
+        _handler(digits).global_update(huge)
+    with pytest.raises(OutOfRangeError):
+        _fold(_handler(digits), huge)
 
 
 def test_sampling_is_seeded_and_independent_of_evaluation(digits: Any) -> None:
@@ -486,8 +483,8 @@ def test_serial_thread_and_process_trainers_give_bitwise_identical_models(
     process.torch_threads = 1  # type: ignore[attr-defined]
     with process:
         handler = _handler(digits, rounds=3)
-        # Folded while the rounds run: the other two trainers hand over whole lists.
-        process.on_uplink = handler.fold_uplink  # type: ignore[attr-defined]
+        # Folded in the workers: the other two trainers hand over whole lists.
+        process.uplink_fold = handler.uplink_fold()  # type: ignore[attr-defined]
         _train(handler, process)
         models["process"] = serialize_model(handler.model)
 

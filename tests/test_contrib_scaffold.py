@@ -29,6 +29,7 @@ from emberfl.contrib import (
 )
 from emberfl.contrib.scaffold import CONTROL_KEY
 from emberfl.core import IPCMode, serialize_model
+from emberfl.core.fold import InProcessFold
 from emberfl.data import iid, load_digits
 from emberfl.models import ZooModelSelector
 from emberfl.simulation import write_store
@@ -195,8 +196,11 @@ def test_folding_moves_model_and_control_exactly_like_averaging() -> None:
     folding = ScaffoldServerHandler(TinySelector(), "t", None, 3, 4, 0.5, "cpu", 8, 0)
     for p in uplinks:
         classic.load(p)
-    for i, p in enumerate(uplinks):
-        stand_in = folding.fold_uplink(i, p)
+    fold = InProcessFold(folding.uplink_fold(), len(uplinks))
+    for i in reversed(range(len(uplinks))):
+        fold.add(i, uplinks[i])
+    fold.finish()
+    for stand_in in fold.stand_ins:
         assert stand_in.control_delta.is_meta and stand_in.model_parameters.is_meta
         folding.load(stand_in)
     assert torch.equal(folding.control, classic.control)

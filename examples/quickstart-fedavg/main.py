@@ -75,9 +75,9 @@ def main() -> None:
             models, "mlp", Path(work) / "state", dataset, "cpu", args.clients, args.epochs,
             args.batch_size, args.lr, args.seed, args.workers, progress=False,
         )  # fmt: skip
-        # Optional: fold each client's model into the average as soon as it arrives (in
-        # client order), instead of holding the whole round's uplinks until the end.
-        trainer.on_uplink = server.fold_uplink
+        # Optional: each worker folds its clients' models into its own exact sum; the
+        # server merges one sum per worker instead of reading every client's model.
+        trainer.uplink_fold = server.uplink_fold()
 
         # 3. Rounds: sample, send the global model, train, aggregate, evaluate.
         print(f"{'round':>5}  {'accuracy':>8}  {'loss':>7}  {'seconds':>7}")

@@ -303,9 +303,9 @@ class Simulation:
         else:
             self.trainer.model_selector = selector
             self.trainer.dataset = dataset
-        # Uplinks are folded into the server's sums as they arrive, so a round holds a
-        # few of them at a time, however many clients it has.
-        self.trainer.on_uplink = self.handler.fold_uplink
+        # Every worker folds its clients' uplinks into its own exact sums; this
+        # process merges one per worker a round, however many clients it has.
+        self.trainer.uplink_fold = self.handler.uplink_fold()
         if self.resume:
             self._restore()
         self._write_config()

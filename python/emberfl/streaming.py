@@ -1,47 +1,45 @@
-"""Running weighted sums of named vectors, folded in one contribution at a time.
+"""Exact running sums of named vectors, folded in one contribution at a time.
 
 A federated server averages its clients' updates. Holding every update until the
-round is over costs one model per client; a :class:`StreamingSum` keeps one float32
-running sum per *term* (``"model"``, ``"control"``, ...) instead and adds each
-client's terms as they arrive, with the aggregation kernel
-(:func:`emberfl.aggregate.accumulate`)::
+round is over costs one model per client; a :class:`StreamingSum` keeps one
+:class:`~emberfl.aggregate.ExactSum` per *term* (``"model"``, ``"control"``, ...)
+instead and adds each client's terms as they arrive::
 
     sums = StreamingSum()
     for update in updates:
         sums.add([("model", update.parameters, float(update.num_samples))])
     new_model = sums.mean("model")
 
-Adding contributions one by one gives exactly the bits that
-:func:`emberfl.aggregate.weighted_sum` gives for the whole list -- both start from
-zero and add the same float32 products in the same order -- and every mean is one
-division of a sum by its total weight (:func:`mean_of_sum`). :meth:`StreamingSum.add_many`
-sums a list with one pass of the kernel per term, bitwise the same as adding its
-items one by one.
+The sums are exact (integers on a fixed binary grid), so the result does not depend
+on the order of the contributions or on how they are split: sums built apart -- one
+per worker process or thread, on other machines -- and combined with :meth:`merge`
+(across processes through :meth:`save` / :meth:`load`) give the bits of one sum of
+everything. Every mean is rounded to float32 once.
 
 A contribution holding NaN or Inf is refused whole (none of its terms is added), so
-one diverged client cannot poison the sums. Finite contributions whose sum leaves
-the float32 range are reported by :meth:`StreamingSum.overflowed` and refused by
-:meth:`StreamingSum.mean`.
+one diverged client cannot poison the sums. A term too large for the grid
+(``|w * x|`` beyond :attr:`~emberfl.aggregate.ExactSum.term_limit`) raises
+:class:`~emberfl.aggregate.OutOfRangeError`; the sums are unusable afterwards.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, TypeAlias
 
 import torch
 
-from emberfl import aggregate
-from emberfl.aggregate import NonFiniteError
+from emberfl import store
+from emberfl.aggregate import ExactSum, NonFiniteError, OutOfRangeError, find_nonfinite
 
 __all__ = [
     "NonFiniteContribution",
     "NonFiniteMode",
     "StreamingSum",
     "Term",
-    "flat_f32",
-    "mean_of_sum",
+    "flat_vector",
 ]
 
 #: One named, weighted vector of a contribution: ``(name, vector, weight)``.
@@ -49,6 +47,10 @@ Term: TypeAlias = "tuple[str, torch.Tensor, float]"
 
 #: What :class:`StreamingSum` does with a contribution holding NaN or Inf.
 NonFiniteMode: TypeAlias = Literal["raise", "skip"]
+
+# The dtypes the exact sum reads as they are; any other is converted to float32.
+_NATIVE = (torch.float32, torch.float16, torch.bfloat16)
+_FORMAT = "emberfl.streaming-sum.v1"
 
 
 class NonFiniteContribution(NamedTuple):
@@ -58,29 +60,22 @@ class NonFiniteContribution(NamedTuple):
     terms: tuple[str, ...]
 
 
-def flat_f32(vector: torch.Tensor) -> torch.Tensor:
-    """``vector`` as a 1-D float32 CPU tensor; no copy for one that already is."""
+def flat_vector(vector: torch.Tensor) -> torch.Tensor:
+    """``vector`` as a 1-D CPU tensor of float32, float16 or bfloat16 (other dtypes
+    become float32); no copy for one that already is, such as a mapped uplink."""
     if not isinstance(vector, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(vector).__name__}")
     if vector.dim() != 1:
         vector = vector.reshape(-1)
-    if vector.dtype != torch.float32 or vector.device.type != "cpu":
-        vector = vector.to("cpu", torch.float32)
+    if vector.device.type != "cpu":
+        vector = vector.cpu()
+    if vector.dtype not in _NATIVE:
+        vector = vector.to(torch.float32)
     return vector
 
 
-def mean_of_sum(total: torch.Tensor, weight: float) -> torch.Tensor:
-    """The weighted mean from a weighted sum and the sum of its weights: one division.
-
-    Every averaging path ends here, which is what makes them agree bit for bit.
-    """
-    if not (math.isfinite(weight) and weight > 0):
-        raise ValueError(f"the weights' sum must be finite and > 0, got {weight!r}")
-    return torch.div(total, weight)
-
-
 def _check_terms(terms: object) -> list[tuple[str, torch.Tensor, float]]:
-    """``terms`` validated: names, float32 CPU vectors and finite float weights."""
+    """``terms`` validated: names, flat CPU vectors and finite float weights."""
     if isinstance(terms, str | bytes) or not isinstance(terms, Sequence) or not terms:
         raise TypeError("a contribution must be a non-empty sequence of (name, vector, weight)")
     checked: list[tuple[str, torch.Tensor, float]] = []
@@ -94,7 +89,7 @@ def _check_terms(terms: object) -> list[tuple[str, torch.Tensor, float]]:
             raise TypeError(f"the weight of term {name!r} must be a number, got {weight!r}")
         if not math.isfinite(weight):
             raise ValueError(f"the weight of term {name!r} must be finite, got {weight!r}")
-        checked.append((name, flat_f32(vector), float(weight)))
+        checked.append((name, flat_vector(vector), float(weight)))
     names = [name for name, _, _ in checked]
     if len(set(names)) != len(names):
         raise ValueError(f"a contribution names a term twice: {names}")
@@ -102,17 +97,17 @@ def _check_terms(terms: object) -> list[tuple[str, torch.Tensor, float]]:
 
 
 class StreamingSum:
-    """Weighted sums of named terms, ``sum_i weight_i * vector_i`` per term, in float32.
+    """Exact weighted sums of named terms, ``sum_i weight_i * vector_i`` per term.
 
     Every contribution is a sequence of ``(name, vector, weight)`` terms with the same
     names, in the same order and of the same lengths as the first one's. Vectors of
-    any shape, dtype and device are flattened to float32 on the CPU (no copy for a
-    1-D float32 CPU tensor, such as an uplink mapped from its file).
+    any shape and device are flattened on the CPU; float32, float16 and bfloat16 are
+    read as they are, other dtypes converted to float32.
 
     ``nonfinite`` decides what happens to a contribution holding NaN or Inf:
     ``"raise"`` (default) raises :class:`~emberfl.aggregate.NonFiniteError`, ``"skip"``
     leaves it out and records it in :attr:`skipped`. Either way none of its terms
-    is added. ``threads`` are the kernel's (the result is the same for any count).
+    is added. ``threads`` are the kernels' (the result is the same for any count).
     """
 
     def __init__(self, *, nonfinite: NonFiniteMode = "raise", threads: int = 1) -> None:
@@ -122,16 +117,13 @@ class StreamingSum:
             raise ValueError(f"threads must be positive (an int >= 1), got {threads!r}")
         self.nonfinite: NonFiniteMode = nonfinite
         self.threads = threads
-        #: Contributions folded so far.
+        #: Contributions folded so far (merged ones included).
         self.count = 0
         #: Contributions left out for holding NaN or Inf (``nonfinite="skip"``), in order.
         self.skipped: list[NonFiniteContribution] = []
         self._names: tuple[str, ...] = ()
-        self._lengths: tuple[int, ...] = ()
-        self._sums: list[torch.Tensor] = []
-        self._totals: list[float] = []
-        # Which sums hold NaN or Inf; None once an addition made it stale.
-        self._overflow: list[bool] | None = None
+        self._sums: list[ExactSum] = []
+        self._broken = False
 
     # -- adding ----------------------------------------------------------------------
 
@@ -140,20 +132,25 @@ class StreamingSum:
 
         ``label`` names it in errors and in :attr:`skipped` (default: its position).
         """
+        self._check_usable()
         checked = _check_terms(terms)
         self._check_layout(checked)
-        vectors = [vector for _, vector, _ in checked]
-        bad = aggregate.find_nonfinite(vectors, threads=self.threads)
+        bad = self._nonfinite(checked)
         if bad:
-            self._refuse([(self._label(label, 0), tuple(checked[k][0] for k in bad))])
+            self._refuse([(self._label(label), tuple(checked[k][0] for k in bad))])
             return False
         if not self._names:
-            self._start(checked, [torch.zeros(v.numel(), dtype=torch.float32) for v in vectors])
-        for k, (_, vector, weight) in enumerate(checked):
-            aggregate.accumulate(self._sums[k], vector, weight, threads=self.threads)
-            self._totals[k] += weight
+            self._names = tuple(name for name, _, _ in checked)
+            self._sums = [ExactSum(v.numel(), threads=self.threads) for _, v, _ in checked]
+        for k, (total, (_, vector, weight)) in enumerate(zip(self._sums, checked, strict=True)):
+            try:
+                total.add(vector, weight)
+            except (OutOfRangeError, ValueError):
+                # A refused term leaves its sum as it was, but the earlier terms of
+                # this contribution are in: the sums no longer mean anything.
+                self._broken = k > 0
+                raise
         self.count += 1
-        self._overflow = None
         return True
 
     def add_many(
@@ -161,10 +158,7 @@ class StreamingSum:
     ) -> list[bool]:
         """Fold several contributions in, in order; returns which were (see :meth:`add`).
 
-        Into empty sums, each term is summed over all of them in one pass of the
-        kernel (cache-blocked over the contributions), bitwise the same as adding
-        them one by one. NaN and Inf are looked for only when a sum comes out
-        non-finite, so a clean list is read once.
+        With ``nonfinite="raise"`` nothing is added unless every contribution is finite.
         """
         if labels is not None and len(labels) != len(contributions):
             raise ValueError(f"got {len(labels)} labels for {len(contributions)} contributions")
@@ -172,32 +166,83 @@ class StreamingSum:
             labels[i] if labels is not None else self._label(None, i)
             for i in range(len(contributions))
         ]
-        if self.count or self.skipped or not contributions:
-            return [self.add(terms, label=named[i]) for i, terms in enumerate(contributions)]
         checked = [_check_terms(terms) for terms in contributions]
-        for terms in checked:
-            self._check_layout(terms, pending=checked[0])
-        kept = list(range(len(checked)))
-        refused: dict[int, list[str]] = {}
-        sums = self._sum_columns(checked, kept)
-        overflow = [self._nonfinite(total) for total in sums]
-        bad_columns = [k for k, bad in enumerate(overflow) if bad]
-        for k in bad_columns:
-            column = [checked[i][k][1] for i in kept]
-            for j in aggregate.find_nonfinite(column, threads=self.threads):
-                refused.setdefault(kept[j], []).append(checked[0][k][0])
-        if refused:
-            self._refuse([(named[i], tuple(terms)) for i, terms in sorted(refused.items())])
-            # Summed again from zero without them: the same bits as leaving them out.
-            kept = [i for i in kept if i not in refused]
-            sums = self._sum_columns(checked, kept)
-            overflow = [self._nonfinite(total) for total in sums]
-        if kept:
-            self._start(checked[0], sums)
-            self._totals = [_total(checked, kept, k) for k in range(len(sums))]
-            self.count = len(kept)
-            self._overflow = overflow
-        return [i not in refused for i in range(len(checked))]
+        if self.nonfinite == "raise":
+            found = []
+            for label, terms in zip(named, checked, strict=True):
+                bad = self._nonfinite(terms)
+                if bad:
+                    found.append((label, tuple(terms[k][0] for k in bad)))
+            if found:
+                self._refuse(found)
+        return [self.add(terms, label=label) for label, terms in zip(named, checked, strict=True)]
+
+    def merge(self, other: StreamingSum) -> None:
+        """Add ``other``'s sums (same terms and lengths) into these: the bits of one sum
+        of both sums' contributions, in any order. Its :attr:`skipped` are appended."""
+        if not isinstance(other, StreamingSum):
+            raise TypeError(f"expected a StreamingSum, got {type(other).__name__}")
+        self._check_usable()
+        other._check_usable()
+        if other._names:
+            if not self._names:
+                self._names = other._names
+                self._sums = [
+                    ExactSum(len(s), grid=s.grid, threads=self.threads) for s in other._sums
+                ]
+            if other._names != self._names:
+                raise ValueError(
+                    f"cannot merge terms {list(other._names)} into {list(self._names)}"
+                )
+            for mine, theirs in zip(self._sums, other._sums, strict=True):
+                if len(mine) != len(theirs):
+                    raise ValueError(
+                        f"cannot merge a sum of {len(theirs)} values into one of {len(mine)}"
+                    )
+            for mine, theirs in zip(self._sums, other._sums, strict=True):
+                mine.merge(theirs)
+        self.count += other.count
+        self.skipped.extend(other.skipped)
+
+    # -- across processes ------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the sums to a store file (atomically); :meth:`load` reads them back.
+
+        One uint8 tensor per term holds :meth:`ExactSum.to_bytes`' output; :attr:`skipped`
+        is not saved (labels are the caller's to carry).
+        """
+        self._check_usable()
+        tensors = {
+            name: torch.frombuffer(bytearray(total.to_bytes()), dtype=torch.uint8)
+            for name, total in zip(self._names, self._sums, strict=True)
+        }
+        metadata = {"format": _FORMAT, "terms": "\n".join(self._names), "count": str(self.count)}
+        store.save(path, tensors, metadata=metadata)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, nonfinite: NonFiniteMode = "raise", threads: int = 1
+    ) -> StreamingSum:
+        """Sums that :meth:`save` wrote; a file that is not one raises ``ValueError``."""
+        sums = cls(nonfinite=nonfinite, threads=threads)
+        mapped = store.open_file(path)
+        meta = mapped.metadata
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{os.fspath(path)} holds no saved StreamingSum")
+        names = tuple(meta["terms"].split("\n")) if meta.get("terms") else ()
+        if sorted(names) != sorted(mapped.keys()):
+            raise ValueError(f"{os.fspath(path)}: terms {list(names)} do not match its tensors")
+        try:
+            count = int(meta["count"])
+        except (KeyError, ValueError):
+            raise ValueError(f"{os.fspath(path)}: no valid count") from None
+        sums._sums = [
+            ExactSum.from_bytes(mapped[name].numpy().tobytes(), threads=threads) for name in names
+        ]
+        sums._names = names
+        sums.count = count
+        return sums
 
     # -- reading ---------------------------------------------------------------------
 
@@ -208,39 +253,44 @@ class StreamingSum:
 
     @property
     def sums(self) -> list[torch.Tensor]:
-        """The running sums, one float32 vector per term in :attr:`names` order."""
-        return list(self._sums)
+        """The sums as float32 vectors (each rounded once), in :attr:`names` order."""
+        return [self.sum(name) for name in self._names]
 
     @property
     def totals(self) -> list[float]:
         """The sum of the weights of every term, in :attr:`names` order."""
-        return list(self._totals)
+        return [total.total_weight for total in self._sums]
 
     def sum(self, name: str) -> torch.Tensor:
-        """The running sum of term ``name``."""
-        return self._sums[self._index(name)]
+        """Term ``name``'s sum as float32, rounded once.
+
+        Raises :class:`~emberfl.aggregate.NonFiniteError` when it is beyond the float32
+        range.
+        """
+        k = self._index(name)
+        try:
+            return self._sums[k].finish_sum()
+        except OutOfRangeError:
+            raise NonFiniteError(self._overflow_message(name, "sum")) from None
 
     def total(self, name: str) -> float:
         """The sum of term ``name``'s weights."""
-        return self._totals[self._index(name)]
-
-    def overflowed(self) -> list[str]:
-        """The terms whose sum holds NaN or Inf: finite updates too large to add up."""
-        return [name for name, bad in zip(self._names, self._overflows(), strict=True) if bad]
+        return self._sums[self._index(name)].total_weight
 
     def mean(self, name: str) -> torch.Tensor:
-        """Term ``name``'s weighted mean, ``sum / total``: one division.
+        """Term ``name``'s weighted mean, ``sum / total``, rounded to float32 once.
 
-        Raises :class:`~emberfl.aggregate.NonFiniteError` when the sum overflowed and
-        ``ValueError`` when the weights add up to zero or less.
+        Raises :class:`~emberfl.aggregate.NonFiniteError` when it is beyond the float32
+        range and ``ValueError`` when the weights add up to zero or less.
         """
         k = self._index(name)
-        if self._overflows()[k]:
-            raise NonFiniteError(
-                f"the sum of the {name} terms overflowed (NaN or Inf): the contributions "
-                "are finite but too large to add up in float32"
-            )
-        return mean_of_sum(self._sums[k], self._totals[k])
+        total = self._sums[k].total_weight
+        if not total > 0:
+            raise ValueError(f"the weights' sum must be finite and > 0, got {total!r}")
+        try:
+            return self._sums[k].finish()
+        except OutOfRangeError:
+            raise NonFiniteError(self._overflow_message(name, "mean")) from None
 
     def means(self) -> dict[str, torch.Tensor]:
         """Every term's weighted mean (see :meth:`mean`)."""
@@ -254,7 +304,26 @@ class StreamingSum:
 
     # -- machinery -------------------------------------------------------------------
 
-    def _label(self, label: Any, offset: int) -> Any:
+    def _nonfinite(self, terms: list[tuple[str, torch.Tensor, float]]) -> list[int]:
+        """Which terms hold NaN or Inf (each on its own: their dtypes may differ)."""
+        return [
+            k
+            for k, (_, vector, _) in enumerate(terms)
+            if find_nonfinite([vector], threads=self.threads)
+        ]
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise RuntimeError("a term was out of range mid-contribution: these sums are unusable")
+
+    @staticmethod
+    def _overflow_message(name: str, what: str) -> str:
+        return (
+            f"the {what} of the {name} terms overflowed: the contributions are finite but "
+            "their result is beyond the float32 range"
+        )
+
+    def _label(self, label: Any, offset: int = 0) -> Any:
         return self.count + len(self.skipped) + offset if label is None else label
 
     def _index(self, name: str) -> int:
@@ -265,39 +334,18 @@ class StreamingSum:
                 raise KeyError(f"no term {name!r}: nothing has been folded yet") from None
             raise KeyError(f"no term {name!r} (terms: {list(self._names)})") from None
 
-    def _check_layout(
-        self,
-        terms: list[tuple[str, torch.Tensor, float]],
-        pending: list[tuple[str, torch.Tensor, float]] | None = None,
-    ) -> None:
+    def _check_layout(self, terms: list[tuple[str, torch.Tensor, float]]) -> None:
         """The terms must match the first contribution's names and vector lengths."""
-        if self._names:
-            names, lengths = self._names, self._lengths
-        elif pending is not None:
-            names = tuple(name for name, _, _ in pending)
-            lengths = tuple(vector.numel() for _, vector, _ in pending)
-        else:
+        if not self._names:
             return
         got = tuple(name for name, _, _ in terms)
-        if got != names:
-            raise ValueError(f"a contribution has terms {list(got)}, expected {list(names)}")
-        for (name, vector, _), length in zip(terms, lengths, strict=True):
-            if vector.numel() != length:
-                raise ValueError(f"term {name!r} has {vector.numel()} values, expected {length}")
-
-    def _start(
-        self, terms: list[tuple[str, torch.Tensor, float]], sums: list[torch.Tensor]
-    ) -> None:
-        """Fix the layout from the first folded contribution, with ``sums`` to add into."""
-        self._names = tuple(name for name, _, _ in terms)
-        self._lengths = tuple(vector.numel() for _, vector, _ in terms)
-        self._sums = sums
-        self._totals = [0.0] * len(terms)
-
-    def _overflows(self) -> list[bool]:
-        if self._overflow is None:
-            self._overflow = [self._nonfinite(total) for total in self._sums]
-        return self._overflow
+        if got != self._names:
+            raise ValueError(f"a contribution has terms {list(got)}, expected {list(self._names)}")
+        for (name, vector, _), total in zip(terms, self._sums, strict=True):
+            if vector.numel() != len(total):
+                raise ValueError(
+                    f"term {name!r} has {vector.numel()} values, expected {len(total)}"
+                )
 
     def _refuse(self, found: list[tuple[Any, tuple[str, ...]]]) -> None:
         if self.nonfinite == "raise":
@@ -307,31 +355,3 @@ class StreamingSum:
                 f"the {' and '.join(names)} terms of contributions {labels} hold NaN or Inf"
             )
         self.skipped.extend(NonFiniteContribution(label, terms) for label, terms in found)
-
-    def _sum_columns(
-        self, checked: list[list[tuple[str, torch.Tensor, float]]], kept: list[int]
-    ) -> list[torch.Tensor]:
-        if not kept:
-            return []
-        sums = []
-        for k in range(len(checked[0])):
-            result = aggregate.weighted_sum(
-                [checked[i][k][1] for i in kept],
-                [checked[i][k][2] for i in kept],
-                threads=self.threads,
-                check_finite=False,
-            )
-            assert isinstance(result, torch.Tensor)
-            sums.append(result)
-        return sums
-
-    def _nonfinite(self, vector: torch.Tensor) -> bool:
-        return bool(aggregate.find_nonfinite([vector], threads=self.threads))
-
-
-def _total(checked: list[list[tuple[str, torch.Tensor, float]]], kept: list[int], k: int) -> float:
-    """The weights of column ``k`` added in contribution order, as :meth:`StreamingSum.add` does."""
-    total = 0.0
-    for i in kept:
-        total += checked[i][k][2]
-    return total

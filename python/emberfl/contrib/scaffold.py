@@ -41,7 +41,7 @@ from emberfl.contrib.fedavg import (
     LocalRun,
 )
 from emberfl.contrib.layout import ParameterLayout
-from emberfl.core import deserialize_model, serialize_model
+from emberfl.core import FoldTerm, deserialize_model, serialize_model
 
 __all__ = [
     "CONTROL_KEY",
@@ -188,12 +188,10 @@ class ScaffoldServerHandler(FedAvgBaseServerHandler):
     def downlink_package(self) -> ScaffoldDownlinkPackage:
         return ScaffoldDownlinkPackage(serialize_model(self.model), control=self.control.clone())
 
-    def uplink_terms(self, package: FedAvgUplinkPackage) -> list[tuple[str, torch.Tensor, float]]:
-        # The control moves by sum(delta c_i) / N over the N clients of the federation.
-        return [
-            ("model", package.model_parameters, float(package.data_size)),
-            ("control", _control_delta(package), 1.0 / self.num_clients),
-        ]
+    def fold_terms(self) -> tuple[FoldTerm, ...]:
+        # The control moves by sum(delta c_i) / N over the N clients of the federation:
+        # summed with weight 1 and divided once (1/N is rarely an exact weight).
+        return (*super().fold_terms(), FoldTerm("control", "control_delta"))
 
     def apply_update(self, mean: torch.Tensor, buffer: list[FedAvgUplinkPackage]) -> None:
         if self.global_lr == 1.0:
@@ -206,15 +204,7 @@ class ScaffoldServerHandler(FedAvgBaseServerHandler):
             )
             new_state = self.layout.scatter_(mean.clone(), stepped)
         deserialize_model(self.model, new_state)
-        self.control += self.round_sums[1]
-
-
-def _control_delta(package: FedAvgUplinkPackage) -> torch.Tensor:
-    if not isinstance(package, ScaffoldUplinkPackage):
-        raise TypeError(
-            f"SCAFFOLD's server needs ScaffoldUplinkPackage uplinks, got {type(package).__name__}"
-        )
-    return package.control_delta
+        self.control += self.round_sums[1] / self.num_clients
 
 
 def _need_state_dir(kwargs: dict[str, Any], name: str) -> None:

@@ -8,6 +8,7 @@ selectors, partitioned datasets and the model/package helpers. Code written agai
 from emberfl.core.client_trainer import BaseClientTrainer, deliver_uplink
 from emberfl.core.context import ClientContext, client_scope, current_client
 from emberfl.core.errors import ClientError, ClientTimeoutError, WorkerCrashedError
+from emberfl.core.fold import FoldedRound, FoldTerm, UplinkFold
 from emberfl.core.ipc import IPCMode, accept_ipc_mode
 from emberfl.core.model_selector import ModelSelector
 from emberfl.core.packages import PackageError, load_package, save_package
@@ -31,6 +32,8 @@ __all__ = [
     "ClientError",
     "ClientTimeoutError",
     "FilteredDataset",
+    "FoldTerm",
+    "FoldedRound",
     "IPCMode",
     "ModelSelector",
     "PackageError",
@@ -38,6 +41,7 @@ __all__ = [
     "ProcessPoolClientTrainer",
     "SHMHandle",
     "ThreadPoolClientTrainer",
+    "UplinkFold",
     "WorkerCrashedError",
     "accept_ipc_mode",
     "available_cpus",

@@ -25,15 +25,20 @@ Optional attributes read by both pools (set them in ``__init__``; all have defau
     Seconds one client may run. The process pool stops the worker and raises
     :class:`ClientTimeoutError`; the thread pool raises it and sets ``stop_event``
     (a thread cannot be stopped from outside).
+``uplink_fold`` (:class:`~emberfl.core.fold.UplinkFold` or None, default None)
+    Fold the uplinks where the clients train: each worker process or thread adds its
+    clients' uplinks into its own exact sum, the trainer merges one sum per worker and
+    hands the round to the fold's ``sink``, and ``cache`` gets tensor-free stand-ins
+    (``cid``, sizes, metadata) in the order of ``cid_list``. No per-client uplink file
+    is written; the result is the same bits for any layout and completion order. See
+    :mod:`emberfl.core.fold`; contrib's servers make one with ``uplink_fold()``.
 ``on_uplink`` (callable or None, default None)
-    ``on_uplink(index, package)`` is called in this process with every uplink, in
-    the order of ``cid_list`` (``index`` is the position in it), as soon as that
-    uplink and all the ones before it are in -- while later clients still train.
-    What it returns goes into ``cache`` instead of the package. A server that folds
-    each update into running sums and returns a tensor-free stand-in (contrib
-    FedAvg's ``fold_uplink``) makes a round's memory independent of its number of
-    clients: each uplink's file is deleted, and its mapping dropped, once it has
-    been handed over.
+    ``on_uplink(index, package)`` is called in this process with every uplink (or its
+    stand-in, when folding), in the order of ``cid_list`` (``index`` is the position in
+    it), as soon as that uplink and all the ones before it are in -- while later
+    clients still train. What it returns goes into ``cache`` instead of the package.
+    Each uplink's file is deleted, and its mapping dropped, once it has been handed
+    over.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import torch
 from tqdm import tqdm
 
 from emberfl.core.errors import ClientError, ClientTimeoutError, WorkerCrashedError
+from emberfl.core.fold import UplinkFold
 from emberfl.reproducibility import check_client_id, check_seed
 
 __all__ = [
@@ -67,6 +73,8 @@ class BaseClientTrainer(Protocol[UplinkPackage, DownlinkPackage]):
 
     # Called with each uplink, in client order, as it arrives; see the module docstring.
     on_uplink: Callable[[int, Any], Any] | None = None
+    # Fold uplinks where the clients train; see the module docstring.
+    uplink_fold: UplinkFold | None = None
 
     def uplink_package(self) -> list[UplinkPackage]:
         """The packages produced since the last call (by default: empties ``self.cache``)."""

@@ -32,6 +32,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from emberfl.core.errors import ClientError, ClientTimeoutError, WorkerCrashedError
+from emberfl.core.fold import WireStandIn
 from emberfl.core.runtime import RoundSpec, TaskRunner, TaskSpec
 
 __all__ = ["RoundRun", "WorkerPool"]
@@ -81,13 +82,23 @@ def _worker_main(conn: Connection, index: int, threads: int) -> None:
         if kind == "round":
             runner.set_round(msg[1])
             continue
+        reply: tuple[Any, ...]
+        if kind == "flush":
+            try:
+                reply = ("flushed", msg[1], runner.flush(msg[1], msg[2]))
+            except BaseException as exc:
+                reply = ("flush-error", msg[1], f"{type(exc).__qualname__}: {exc}")
+            try:
+                conn.send(reply)
+            except (OSError, ValueError):
+                break
+            continue
         if kind != "task":
             continue
         task: TaskSpec = msg[1]
-        reply: tuple[Any, ...]
         try:
-            seconds = runner.run(task)
-            reply = ("done", task.round, task.index, seconds)
+            seconds, stand_in = runner.run(task)
+            reply = ("done", task.round, task.index, seconds, stand_in)
         except BaseException as exc:  # everything a client raises is reported, not fatal
             tb = traceback.format_exc()
             if len(tb) > _MAX_TRACEBACK:
@@ -269,10 +280,28 @@ class WorkerPool:
         retry_crashed: bool = False,
         on_done: Callable[[int, float], None] | None = None,
         poll: Callable[[], None] | None = None,
+        on_sums: Callable[[str], None] | None = None,
+        sums_path: Callable[[int, int], str] | None = None,
     ) -> RoundRun:
+        """Start a round. When ``spec.fold`` is set, each worker's folded sums are
+        written to ``sums_path(worker, n)`` once it has no more tasks and handed to
+        ``on_sums(path)``; the round is finished when every sum is in."""
         if self._closed:
             raise RuntimeError("the worker pool is closed")
-        return RoundRun(self, spec, make_task, count, client_timeout, retry_crashed, on_done, poll)
+        if spec.fold is not None and (on_sums is None or sums_path is None):
+            raise ValueError("a folding round needs on_sums and sums_path")
+        return RoundRun(
+            self,
+            spec,
+            make_task,
+            count,
+            client_timeout,
+            retry_crashed,
+            on_done,
+            poll,
+            on_sums,
+            sums_path,
+        )
 
 
 class RoundRun:
@@ -288,6 +317,8 @@ class RoundRun:
         retry_crashed: bool,
         on_done: Callable[[int, float], None] | None,
         poll: Callable[[], None] | None,
+        on_sums: Callable[[str], None] | None = None,
+        sums_path: Callable[[int, int], str] | None = None,
     ) -> None:
         self._pool = pool
         self._spec = spec
@@ -302,10 +333,23 @@ class RoundRun:
         self.done = [False] * count
         self.seconds = [0.0] * count
         self._round_bytes: bytes | None = None
+        # Folding: the stand-ins by position; per worker, the positions folded into
+        # its sums and not yet flushed; workers asked to flush; positions whose sums
+        # died with a worker and are being trained again (their stand-ins are in).
+        self._fold = spec.fold is not None
+        self._on_sums = on_sums
+        self._sums_path = sums_path
+        self.stand_ins: dict[int, WireStandIn] = {}
+        self._unflushed: dict[int, list[int]] = {}
+        self._flushing: set[int] = set()
+        self._flushes = 0
+        self._refold: set[int] = set()
 
     @property
     def finished(self) -> bool:
-        return all(self.done)
+        if not all(self.done):
+            return False
+        return not self._fold or not (self._refold or self._unflushed or self._flushing)
 
     def wait_for(self, index: int) -> None:
         while not self.done[index]:
@@ -337,9 +381,28 @@ class RoundRun:
         for depth in (1, 2):
             for w in workers:
                 if not self._pending or (depth == 2 and len(self._pending) < len(workers)):
-                    return
-                if w.alive and len(w.inflight) < depth:
+                    break
+                if w.alive and len(w.inflight) < depth and w.index not in self._flushing:
                     self._send_task(w)
+        if self._fold and not self._pending:
+            for w in workers:
+                if (
+                    w.alive
+                    and not w.inflight
+                    and self._unflushed.get(w.index)
+                    and w.index not in self._flushing
+                ):
+                    self._send_flush(w)
+
+    def _send_flush(self, w: _Worker) -> None:
+        assert self._sums_path is not None
+        path = self._sums_path(w.index, self._flushes)
+        self._flushes += 1
+        try:
+            self._pool._send(w, ("flush", self._spec.round, path))
+        except (OSError, ValueError):
+            return  # the worker is gone; its sentinel reports that on this same pump
+        self._flushing.add(w.index)
 
     def _send_task(self, w: _Worker) -> None:
         pool = self._pool
@@ -399,6 +462,20 @@ class RoundRun:
             if w.task is not None:
                 w.task_started = time.monotonic()
             return
+        if kind in ("flushed", "flush-error"):
+            if msg[1] != self._spec.round or w.index not in self._flushing:
+                return
+            self._flushing.discard(w.index)
+            lost = self._unflushed.pop(w.index, [])
+            if kind == "flush-error":
+                raise ClientError(
+                    self._task(lost[0]).cid if lost else -1,
+                    f"worker {w.index} could not write its folded sums: {msg[2]}",
+                    "",
+                )
+            if msg[2] is not None and self._on_sums is not None:
+                self._on_sums(msg[2])
+            return
         if kind not in ("done", "error"):
             return
         round_index, index = msg[1], msg[2]
@@ -411,6 +488,12 @@ class RoundRun:
         if kind == "error":
             _, _, _, type_name, message, tb = msg
             raise ClientError(task.cid, f"{type_name}: {message}", tb)
+        if self._fold:
+            self._unflushed.setdefault(w.index, []).append(index)
+            if index in self._refold:
+                self._refold.discard(index)  # its stand-in was handed over already
+                return
+            self.stand_ins[index] = msg[4]
         seconds = float(msg[3])
         self.done[index] = True
         self.seconds[index] = seconds
@@ -427,6 +510,26 @@ class RoundRun:
         # the front of the queue, in order, and do not count as retried.
         self._pending.extendleft(reversed([t.index for t in list(w.inflight)[1:]]))
         self._pool._reap(w, kill=True)
+        self._flushing.discard(w.index)
+        lost = self._unflushed.pop(w.index, [])
+        if lost:
+            # Those clients' uplinks were folded into sums that died with the worker:
+            # train them again (they give the same uplinks), or fail the round.
+            if not self._retry:
+                raise WorkerCrashedError(
+                    self._task(lost[0]).cid,
+                    exitcode,
+                    "its folded sums were lost; set retry_crashed=True to train its clients again",
+                )
+            logger.warning(
+                "worker %d (pid %s) died holding the folded sums of %d client(s); "
+                "training them again",
+                w.index,
+                w.pid,
+                len(lost),
+            )
+            self._refold.update(lost)
+            self._pending.extend(lost)
         if task is None:
             logger.warning("idle worker %d (pid %s) exited with %s", w.index, w.pid, exitcode)
             return

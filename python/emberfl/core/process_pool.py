@@ -69,6 +69,7 @@ from emberfl.core.client_trainer import (
     deliver_uplink,
 )
 from emberfl.core.errors import ClientError
+from emberfl.core.fold import FoldCollector, WireStandIn, read_fold
 from emberfl.core.ipc import IPCMode, accept_ipc_mode
 from emberfl.core.packages import load_package, save_package, split_package
 from emberfl.core.pool import RoundRun, WorkerPool
@@ -327,6 +328,10 @@ class ProcessPoolClientTrainer(
         stop_flag.clear()
         uplinks: list[Path] = []
         results: list[UplinkPackage] = []
+        fold = read_fold(self)
+        collector = None if fold is None else FoldCollector(fold, len(cids))
+        # Folded uplinks' stand-ins, from their workers until handed over in order.
+        wires: dict[int, WireStandIn] = {}
         try:
             if parallels > 0:
                 # Started before the payload is written, so spawning overlaps it.
@@ -362,6 +367,7 @@ class ProcessPoolClientTrainer(
                 template=None if template is None else str(template),
                 worker=worker_bytes,
                 stop_event=_transportable_event(user_event, stop_flag),
+                fold=fold,
             )
             seen: dict[int, int] = {}
             for cid in cids:
@@ -394,6 +400,12 @@ class ProcessPoolClientTrainer(
             )
 
             def take(index: int) -> None:
+                if collector is not None:
+                    wire = wires.pop(index)
+                    package = wire.package()
+                    collector.record(index, package, wire.bad_terms)
+                    results.append(deliver_uplink(self, index, package))
+                    return
                 package = load_package(uplinks[index])
                 # The package stays readable through its mapping; unlinking now means
                 # the space is returned as soon as nothing refers to the package.
@@ -403,9 +415,11 @@ class ProcessPoolClientTrainer(
                     package = self.convert_buffer_to_uplink(package)
                 results.append(deliver_uplink(self, index, package))
 
-            collector = _InOrder(len(cids), take)
+            in_order = _InOrder(len(cids), take)
             if pool is None:
-                self._run_inline(runtime, spec, make_task, len(cids), round_index, collector)
+                self._run_inline(
+                    runtime, spec, make_task, len(cids), round_index, in_order, wires, collector
+                )
             else:
                 self._run_pool(
                     pool,
@@ -416,9 +430,14 @@ class ProcessPoolClientTrainer(
                     timeout,
                     user_event,
                     stop_flag,
+                    in_order,
+                    wires,
                     collector,
+                    round_dir,
                 )
-            assert collector.complete
+            assert in_order.complete
+            if collector is not None:
+                collector.finish()
             self.cache.extend(results)
         except KeyboardInterrupt:
             results.clear()
@@ -450,7 +469,10 @@ class ProcessPoolClientTrainer(
         timeout: float | None,
         user_event: Any,
         flag: SharedFlag,
-        collector: _InOrder,
+        in_order: _InOrder,
+        wires: dict[int, WireStandIn],
+        collector: FoldCollector | None,
+        round_dir: Path,
     ) -> None:
         custom_progress = _overrides(self, ProcessPoolClientTrainer, "progress_fn")
         bar = _Progress(
@@ -465,7 +487,12 @@ class ProcessPoolClientTrainer(
 
         def on_done(index: int, seconds: float) -> None:
             bar.done(seconds)
-            collector.done(index)
+            if collector is not None:
+                wires[index] = run.stand_ins.pop(index)
+            in_order.done(index)
+
+        def sums_path(worker: int, n: int) -> str:
+            return str(round_dir / f"sums-{worker}-{n}.safetensors")
 
         run: RoundRun = pool.start_round(
             spec,
@@ -475,6 +502,8 @@ class ProcessPoolClientTrainer(
             retry_crashed=bool(getattr(self, "retry_crashed", False)),
             on_done=on_done,
             poll=mirror,
+            on_sums=None if collector is None else collector.merge_file,
+            sums_path=sums_path,
         )
         try:
             if custom_progress:
@@ -484,6 +513,9 @@ class ProcessPoolClientTrainer(
             run.wait_all()
         finally:
             bar.close()
+            # on_done refers to the run, which refers to on_done: without this the
+            # cycle would keep this round's uplinks alive until the next collection.
+            run = None  # type: ignore[assignment]
 
     def _run_inline(
         self,
@@ -492,7 +524,9 @@ class ProcessPoolClientTrainer(
         make_task: Callable[[int], TaskSpec],
         count: int,
         round_index: int,
-        collector: _InOrder,
+        in_order: _InOrder,
+        wires: dict[int, WireStandIn],
+        collector: FoldCollector | None,
     ) -> None:
         if runtime.inline is None:
             runtime.inline = TaskRunner()
@@ -504,13 +538,18 @@ class ProcessPoolClientTrainer(
             for index in range(count):
                 task = make_task(index)
                 try:
-                    seconds = runner.run(task)
+                    seconds, wire = runner.run(task)
                 except Exception as exc:
                     raise ClientError(
                         task.cid, f"{type(exc).__qualname__}: {exc}", traceback.format_exc()
                     ) from exc
                 bar.done(seconds)
-                collector.done(index)
+                if wire is not None:
+                    wires[index] = wire
+                in_order.done(index)
+            sums = runner.take_sums()
+            if collector is not None and sums is not None:
+                collector.merge(sums)
         finally:
             RandomStateSnapshot.restore(snapshot)
             bar.close()

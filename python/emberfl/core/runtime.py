@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import mmap
 import os
@@ -27,8 +28,10 @@ import torch
 
 from emberfl import reproducibility
 from emberfl.core.context import ClientContext, client_scope
+from emberfl.core.fold import UplinkFold, WireStandIn
 from emberfl.core.packages import join_package, load_package, save_package
 from emberfl.core.utils import reconstruct_from_shared_memory
+from emberfl.streaming import StreamingSum
 
 __all__ = [
     "PinnedStager",
@@ -265,6 +268,7 @@ class RoundSpec:
     template: str | None  # uplink buffer package (BlazeFL's shm_buffer protocol)
     worker: bytes  # the user's worker function, pickled by reference
     stop_event: Any
+    fold: UplinkFold | None = None  # fold uplinks here instead of writing them
 
 
 @dataclass
@@ -287,6 +291,8 @@ class TaskRunner:
         self._spec: RoundSpec | None = None
         self._worker: Callable[..., Any] | None = None
         self._stager = PinnedStager()
+        # The uplinks of this round's clients, folded (when the round folds).
+        self._sums: StreamingSum | None = None
 
     @property
     def round(self) -> int:
@@ -295,9 +301,27 @@ class TaskRunner:
     def set_round(self, spec: RoundSpec) -> None:
         self._spec = spec
         self._worker = None  # unpickled on first use so a failure names a client
+        self._sums = None
 
-    def run(self, task: TaskSpec) -> float:
-        """Run one client and write its uplink file; returns the seconds it took."""
+    def take_sums(self) -> StreamingSum | None:
+        """This round's folded sums (None when nothing was folded); they are reset."""
+        sums, self._sums = self._sums, None
+        return sums
+
+    def flush(self, round_index: int, path: str) -> str | None:
+        """Write round ``round_index``'s folded sums to ``path``; None when there are none."""
+        if self.round != round_index or self._sums is None:
+            return None
+        sums = self.take_sums()
+        assert sums is not None
+        sums.save(path)
+        return path
+
+    def run(self, task: TaskSpec) -> tuple[float, WireStandIn | None]:
+        """Run one client and write its uplink file, or fold it when the round folds.
+
+        Returns the seconds it took and, for a folded uplink, its stand-in.
+        """
         spec = self._spec
         if spec is None or spec.round != task.round:
             raise RuntimeError(f"task for round {task.round} arrived before its round spec")
@@ -332,5 +356,25 @@ class TaskRunner:
                 result = worker(config, payload, device, spec.stop_event, shm_buffer=buffer)
                 result = reconstruct_from_shared_memory(result, buffer)
         del payload, config
-        save_package(task.uplink, result, stage=self._stager.to_host if on_cuda else None)
-        return time.perf_counter() - start
+        if spec.fold is None:
+            save_package(task.uplink, result, stage=self._stager.to_host if on_cuda else None)
+            return time.perf_counter() - start, None
+        if self._sums is None:
+            self._sums = spec.fold.new_sums()
+        wire = spec.fold.wire_stand_in(result, ())  # checks the package before folding
+        bad = spec.fold.fold(self._sums, _to_cpu(result), task.index)
+        return time.perf_counter() - start, WireStandIn(wire.skeleton, bad)
+
+
+def _to_cpu(package: Any) -> Any:
+    """``package`` with its top-level tensors on the CPU (the sums read host memory)."""
+    if isinstance(package, dict):
+        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in package.items()}
+    if dataclasses.is_dataclass(package) and not isinstance(package, type):
+        moved = {
+            f.name: value.cpu()
+            for f in dataclasses.fields(package)
+            if isinstance(value := getattr(package, f.name), torch.Tensor) and value.is_cuda
+        }
+        return dataclasses.replace(package, **moved) if moved else package
+    return package

@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from queue import SimpleQueue
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from emberfl.core.client_trainer import (
     BaseClientTrainer,
@@ -39,6 +39,7 @@ from emberfl.core.client_trainer import (
 )
 from emberfl.core.context import ClientContext, client_scope
 from emberfl.core.errors import ClientError, ClientTimeoutError
+from emberfl.core.fold import InProcessFold, read_fold
 
 __all__ = ["ThreadPoolClientTrainer"]
 
@@ -184,13 +185,20 @@ class ThreadPoolClientTrainer(
         stop_event.clear()
 
         watch = _RoundWatch(cids, timeout, stop_event)
+        fold = read_fold(self)
+        folding = None if fold is None else InProcessFold(fold, len(cids))
 
         def job(index: int, cid: int, device: str) -> UplinkPackage:
             watch.running[index] = time.monotonic()
             ctx = ClientContext(cid=cid, round=round_index, seed=seed, device=device)
             try:
                 with client_scope(ctx):
-                    return self.worker(cid, device, payload, stop_event)
+                    package = self.worker(cid, device, payload, stop_event)
+                    if folding is None:
+                        return package
+                    # Folded here, in this thread's own sum: the parent merges one
+                    # sum per thread when the round is over.
+                    return cast(UplinkPackage, folding.add(index, package))
             except BaseException:
                 watch.failed.append(index)
                 raise
@@ -218,6 +226,8 @@ class ThreadPoolClientTrainer(
                 futures[index] = _TAKEN
                 if not custom_progress:
                     bar.done(watch.finished.get(index, 0.0))
+            if folding is not None:
+                folding.finish()
             self.cache.extend(results)
         except BaseException as exc:
             failure = exc

@@ -1,10 +1,10 @@
 """FedAvg's server handler: client sampling, weighted averaging and evaluation.
 
-The uplinks are summed by the aggregation kernel directly on the tensors the
-workers' files map, in an :class:`~emberfl.streaming.StreamingSum` -- either a
-whole round's list in :meth:`~FedAvgBaseServerHandler.global_update` or one uplink
-at a time while the round runs (:meth:`~FedAvgBaseServerHandler.fold_uplink`),
-bitwise the same result -- and the mean is handed to
+The uplinks are summed exactly, in an :class:`~emberfl.streaming.StreamingSum`:
+either a whole round's list in :meth:`~FedAvgBaseServerHandler.global_update`, or
+folded where the clients train (a trainer's ``uplink_fold`` set to
+:meth:`~FedAvgBaseServerHandler.uplink_fold`: one sum per worker, merged once), the
+same bits either way; the mean is handed to
 :meth:`~FedAvgBaseServerHandler.apply_update` (FedOpt and SCAFFOLD override it).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -31,7 +31,10 @@ from emberfl.contrib.fedavg.packages import (
 from emberfl.contrib.training import evaluate_loader
 from emberfl.core import (
     BaseServerHandler,
+    FoldedRound,
+    FoldTerm,
     ModelSelector,
+    UplinkFold,
     available_cpus,
     deserialize_model,
     serialize_model,
@@ -42,7 +45,7 @@ from emberfl.reproducibility import (
     restore_rng_suite,
     rng_suite_state,
 )
-from emberfl.streaming import NonFiniteContribution, StreamingSum
+from emberfl.streaming import StreamingSum
 
 __all__ = ["FedAvgBaseServerHandler", "NonFinitePolicy"]
 
@@ -71,10 +74,10 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
     State that a checkpoint needs: ``model``, ``round`` and ``rng_suite`` (the
     client sampler); :meth:`checkpoint_state` gathers it.
 
-    Memory: set ``trainer.on_uplink = handler.fold_uplink`` and every uplink is
-    folded into running sums while the round runs, its file deleted right after; the
-    round then holds a few uplinks at a time instead of all of them, with the same
-    result bit for bit.
+    Speed and memory: set ``trainer.uplink_fold = handler.uplink_fold()`` and every
+    worker folds the uplinks of its clients into its own exact sums; this process
+    merges one sum per worker per round instead of handling every uplink, and no
+    uplink file is written, with the same result bit for bit.
     """
 
     def __init__(
@@ -163,21 +166,30 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
     def global_update(self, buffer: list[FedAvgUplinkPackage]) -> None:
         """Average the uplinks' models (weighted by data size) and apply the result.
 
-        ``buffer`` holds either full uplinks or, all of them, the stand-ins that
-        :meth:`fold_uplink` returned for this round.
+        ``buffer`` holds either full uplinks or, all of them, the stand-ins of a round
+        that a trainer folded with this handler's :meth:`uplink_fold`. Either way the
+        sums are exact: the same uplinks give the same bits, folded or not, in any
+        order.
         """
         fold = self._take_fold(buffer)
         if fold is None:
             _refuse_stand_ins(buffer)
             sums = self._new_sums()
+            terms = self.uplink_fold()
             folded = sums.add_many(
-                [self.uplink_terms(p) for p in buffer], labels=[p.cid for p in buffer]
+                [terms.contributions(p) for p in buffer], labels=[p.cid for p in buffer]
             )
-            self._check_skipped(sums)
+            skipped = [(skip.label, skip.terms) for skip in sums.skipped]
             kept = [p for p, ok in zip(buffer, folded, strict=True) if ok]
         else:
-            sums, kept = fold.sums, fold.kept
-        self.dropped = [skip.label for skip in sums.skipped]
+            sums, kept, skipped = fold.sums, fold.kept, fold.skipped
+        if self.nonfinite == "raise" and skipped:
+            raise NonFiniteError(
+                f"round {self.round}: the {_term_names(skipped)} updates of clients "
+                f"{[cid for cid, _ in skipped]} hold NaN or Inf; lower the learning "
+                "rate, or pass nonfinite='drop' to leave such clients out"
+            )
+        self.dropped = [cid for cid, _ in skipped]
         if self.dropped:
             logger.warning(
                 "round %d: dropping %d client update(s) holding NaN or Inf (clients %s)",
@@ -185,20 +197,16 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
                 len(self.dropped),
                 self.dropped,
             )
-        # Finite updates can still overflow when summed.
-        for name in sums.overflowed():
-            raise NonFiniteError(
-                f"round {self.round}: the sum of the {name} updates overflowed "
-                "(NaN or Inf); lower the learning rate"
-            )
-        self.round_sums = sums.sums
         if not kept:
+            self.round_sums = []
             logger.warning(
                 "round %d: no usable client update (dropped: %s); the global model is unchanged",
                 self.round,
                 self.dropped,
             )
             return
+        # Exact sums of terms within the grid's range cannot overflow float32.
+        self.round_sums = sums.sums
         if sums.totals[0] <= 0:
             logger.warning(
                 "round %d: the sampled clients hold no data; the global model is unchanged",
@@ -207,30 +215,26 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
             return
         self.apply_update(sums.mean(sums.names[0]), kept)
 
-    def fold_uplink(self, index: int, package: FedAvgUplinkPackage) -> FedAvgUplinkPackage:
-        """Fold one uplink into this round's sums now; returns a tensor-free stand-in.
+    def uplink_fold(self) -> UplinkFold:
+        """What a trainer folds for this handler: set ``trainer.uplink_fold`` to it.
 
-        Meant as a client trainer's ``on_uplink`` hook, which calls it in client-list
-        order while the round runs (``index`` 0 starts a new round). The stand-in is
-        the package with its tensors replaced by ``meta`` tensors of the same shape
-        and dtype; hand the round's stand-ins to :meth:`load` / :meth:`global_update`
-        as usual. The result equals averaging the full uplinks bit for bit: the same
-        kernel adds the same products in the same order.
-
-        A non-finite update raises :class:`NonFiniteError` at once (the round stops)
-        or, with ``nonfinite="drop"``, is left out.
+        Every worker then adds its clients' uplinks into its own exact sums (the
+        :meth:`fold_terms`), the trainer merges one sum per worker and hands the round
+        to this handler; the stand-ins that reach :meth:`load` carry each client's
+        ``cid``, ``data_size`` and metadata. The result equals averaging the full
+        uplinks bit for bit.
         """
-        if index == 0 or self._fold is None:
-            self._fold = _Fold(self._new_sums())
-        fold = self._fold
-        folded = fold.sums.add(self.uplink_terms(package), label=package.cid)
-        self._check_skipped(fold.sums)
-        stand_in: FedAvgUplinkPackage = _stand_in(package)
-        if folded:
-            fold.kept.append(stand_in)
-        fold.seen.append(stand_in)
-        fold.ids.add(id(stand_in))
-        return stand_in
+        return UplinkFold(self.fold_terms(), sink=self._receive_folded)
+
+    def _receive_folded(self, folded: FoldedRound) -> None:
+        stand_ins = folded.stand_ins
+        self._fold = _Fold(
+            sums=folded.sums,
+            seen=stand_ins,
+            ids={id(p) for p in stand_ins},
+            kept=[p for i, p in enumerate(stand_ins) if i not in folded.skipped],
+            skipped=[(stand_ins[i].cid, terms) for i, terms in folded.skipped.items()],
+        )
 
     # -- checkpoints -----------------------------------------------------------
 
@@ -262,20 +266,18 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
 
     # -- hooks -----------------------------------------------------------------
 
-    def uplink_terms(self, package: FedAvgUplinkPackage) -> list[tuple[str, torch.Tensor, float]]:
-        """What an uplink adds to the round: ``(name, vector, weight)`` terms.
-
-        Each is summed over the clients as ``sum_i weight_i * vector_i`` into
-        :attr:`round_sums` (in this order); the first one's weighted mean becomes the
-        update. FedAvg: the model, weighted by the client's data size.
+    def fold_terms(self) -> tuple[FoldTerm, ...]:
+        """What an uplink adds to the round: named sums ``sum_i weight_i * vector_i``
+        over the clients, in :attr:`round_sums` in this order; the first one's weighted
+        mean becomes the update. FedAvg: the model, weighted by the client's data size.
         """
-        return [("model", package.model_parameters, float(package.data_size))]
+        return (FoldTerm("model", "model_parameters", "data_size"),)
 
     def apply_update(self, mean: torch.Tensor, buffer: list[FedAvgUplinkPackage]) -> None:
         """Make the weighted mean of the clients' models the global model.
 
         ``buffer`` holds the aggregated uplinks, or their stand-ins when they were
-        folded (:meth:`fold_uplink`); the sums of every term are in :attr:`round_sums`.
+        folded (:meth:`uplink_fold`); the sums of every term are in :attr:`round_sums`.
         """
         deserialize_model(self.model, mean)
 
@@ -336,15 +338,6 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         # Always "skip": the handler words the error itself, naming round and clients.
         return StreamingSum(nonfinite="skip", threads=self.aggregation_threads)
 
-    def _check_skipped(self, sums: StreamingSum) -> None:
-        """With ``nonfinite="raise"``, stop at the first uplink holding NaN or Inf."""
-        if self.nonfinite == "raise" and sums.skipped:
-            raise NonFiniteError(
-                f"round {self.round}: the {_term_names(sums.skipped)} updates of clients "
-                f"{[skip.label for skip in sums.skipped]} hold NaN or Inf; lower the learning "
-                "rate, or pass nonfinite='drop' to leave such clients out"
-            )
-
     def _take_fold(self, buffer: list[FedAvgUplinkPackage]) -> _Fold | None:
         """This round's fold when ``buffer`` is exactly its stand-ins, in order; None
         when it holds no stand-in of this handler."""
@@ -357,43 +350,28 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         ):
             raise ValueError(
                 f"global_update got {len(buffer)} uplinks mixing stand-ins of the "
-                f"{len(fold.seen)} folded by fold_uplink with others or in another order; "
+                f"{len(fold.seen)} folded this round with others or in another order; "
                 "a round's uplinks must be either all folded or none"
             )
         return fold
 
 
-def _term_names(skipped: list[NonFiniteContribution]) -> str:
+def _term_names(skipped: list[tuple[int, tuple[str, ...]]]) -> str:
     names: list[str] = []
-    for skip in skipped:
-        names.extend(name for name in skip.terms if name not in names)
+    for _, terms in skipped:
+        names.extend(name for name in terms if name not in names)
     return " and ".join(names)
 
 
 @dataclass
 class _Fold:
-    """One round's uplinks folded by :meth:`FedAvgBaseServerHandler.fold_uplink`."""
+    """One round folded by a trainer with :meth:`FedAvgBaseServerHandler.uplink_fold`."""
 
     sums: StreamingSum
-    seen: list[Any] = field(default_factory=list)  # stand-ins handed out, in order
-    ids: set[int] = field(default_factory=set)  # their ids (kept alive by ``seen``)
-    kept: list[Any] = field(default_factory=list)  # stand-ins of the folded uplinks
-
-
-def _stand_in(package: Any) -> Any:
-    """``package`` with every tensor field replaced by a data-less ``meta`` tensor.
-
-    Shapes and dtypes stay (so sizes can still be reported); anything that tries to
-    read the values fails loudly instead of seeing stale numbers.
-    """
-    if not dataclasses.is_dataclass(package) or isinstance(package, type):
-        raise TypeError(f"fold_uplink needs a dataclass package, got {type(package).__name__}")
-    meta = {
-        f.name: torch.empty(value.shape, dtype=value.dtype, device="meta")
-        for f in dataclasses.fields(package)
-        if isinstance(value := getattr(package, f.name), torch.Tensor)
-    }
-    return dataclasses.replace(package, **meta)
+    seen: list[Any]  # the stand-ins, in client order
+    ids: set[int]  # their ids (kept alive by ``seen``)
+    kept: list[Any]  # stand-ins of the folded uplinks
+    skipped: list[tuple[int, tuple[str, ...]]]  # (cid, NaN/Inf terms) of the others
 
 
 def _is_stand_in(package: Any) -> bool:
@@ -414,7 +392,7 @@ def _refuse_stand_ins(buffer: list[FedAvgUplinkPackage]) -> None:
     for package in buffer:
         if _is_stand_in(package):
             raise ValueError(
-                f"the uplink of client {package.cid} is a stand-in that another handler's "
-                "fold_uplink returned (or one of an earlier round); hand each round's "
-                "stand-ins to the handler that folded them"
+                f"the uplink of client {package.cid} is a stand-in of a round folded for "
+                "another handler (or an earlier round); hand each round's stand-ins to "
+                "the handler whose uplink_fold() folded them"
             )

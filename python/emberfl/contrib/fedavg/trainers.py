@@ -43,6 +43,7 @@ from emberfl.core import (
     current_client,
     deliver_uplink,
 )
+from emberfl.core.fold import InProcessFold, read_fold
 from emberfl.reproducibility import RandomStateSnapshot, seed_client
 
 __all__ = [
@@ -126,6 +127,8 @@ class FedAvgBaseClientTrainer(
         self.round += 1
         snapshot = RandomStateSnapshot.capture()
         results: list[FedAvgUplinkPackage] = []
+        fold = read_fold(self)
+        folding = None if fold is None else InProcessFold(fold, len(cid_list))
         try:
             bar = tqdm(cid_list, desc="client", leave=False, disable=not settings.progress)
             for index, cid in enumerate(bar):
@@ -138,9 +141,13 @@ class FedAvgBaseClientTrainer(
                         settings.dataset, cid, settings.batch_size, ctx.rng.torch_cpu
                     )
                     uplink = self.train(package, loader, cid)
+                if folding is not None:
+                    uplink = folding.add(index, uplink)
                 results.append(deliver_uplink(self, index, uplink))
         finally:
             RandomStateSnapshot.restore(snapshot)
+        if folding is not None:
+            folding.finish()
         self.cache.extend(results)
 
     def train(
