@@ -12,12 +12,15 @@ framework overhead dominates, and one local epoch). Six ways to run the same wor
 ``parallel-floor``   the clients split evenly over ``--workers`` plain processes with
                      1 torch thread each, each training its share with no
                      communication at all; a round takes the slowest one's time
+``thread-floor``     the same split over ``--workers`` plain threads of one process, 1
+                     torch thread; a round is the wall time until the last thread ends
 ``blazefl-process``  BlazeFL 2.0's FedAvgProcessPoolClientTrainer (shared-memory IPC,
                      ``--workers`` processes) with its FedAvgBaseServerHandler
 ``blazefl-thread``   BlazeFL 2.0's FedAvgThreadPoolClientTrainer, ``--workers``
                      threads, 1 torch thread, with its FedAvgBaseServerHandler
 
-Both emberfl pools fold each uplink into the average as it arrives (``on_uplink``).
+Both emberfl pools fold the uplinks where the clients train (``uplink_fold``): each
+worker keeps an exact sum, and the parent merges one per worker a round.
 
 The BlazeFL rows run only when ``blazefl`` (2.0.x, ``pip install
 "blazefl[contrib]==2.0.3"``) is importable; otherwise they are skipped with one printed
@@ -78,11 +81,13 @@ from typing import Any
 import psutil
 import torch
 
-from emberfl import aggregate, reproducibility, store
+from emberfl import reproducibility, store
 from emberfl.contrib.training import sgd_step
 from emberfl.core import (
+    FoldTerm,
     ProcessPoolClientTrainer,
     ThreadPoolClientTrainer,
+    UplinkFold,
     deserialize_model,
     serialize_model,
 )
@@ -95,6 +100,7 @@ IMPLS = (
     "emberfl-thread",
     "serial-floor",
     "parallel-floor",
+    "thread-floor",
     "blazefl-process",
     "blazefl-thread",
 )
@@ -227,26 +233,18 @@ def run_emberfl(
         trainer = EmberThreadTrainer(setup, workers)
     params = initial_params(setup)
     cids = list(range(clients))
-    # FedAvg folded while the round runs (the trainer's on_uplink hook): each uplink
-    # is added to the running sum as it arrives and its file released, so the server
-    # holds a few uplinks at a time instead of the whole round's.
-    total = torch.zeros_like(params)
-    weight = [0.0]
-
-    def fold(index: int, uplink: dict) -> int:
-        if index == 0:
-            total.zero_()
-            weight[0] = 0.0
-        aggregate.accumulate(total, uplink["params"], float(uplink["n"]))
-        weight[0] += float(uplink["n"])
-        return int(uplink["n"])
-
-    trainer.on_uplink = fold
+    # FedAvg folded where the clients train (the trainer's uplink_fold): every worker
+    # adds its clients' uplinks into its own exact sum and this process merges one sum
+    # per worker a round -- what ``emberfl run`` does.
+    means: list[torch.Tensor] = []
+    trainer.uplink_fold = UplinkFold(
+        (FoldTerm("params", "params", "n"),), sink=lambda r: means.append(r.sums.mean("params"))
+    )
     with trainer:
         for _ in range(rounds):
             trainer.local_process({"params": params}, cids)
             trainer.uplink_package()
-            params = total / weight[0]
+            params = means.pop()
             now = time.perf_counter()
             times.append(now - start)
             start = now
@@ -278,6 +276,28 @@ def _floor_share(setup: Setup, cids: list[int], rounds: int, out: Any) -> None:
             client_update(setup, params, cid, rnd)
         times.append(time.perf_counter() - start)
     out.put(times)
+
+
+def run_thread_floor(setup: Setup, clients: int, rounds: int, workers: int) -> list[float]:
+    torch.set_num_threads(1)
+    params = initial_params(setup)
+    _data(setup.data)
+    shares = [list(range(clients))[i::workers] for i in range(workers)]
+    times = []
+    for rnd in range(rounds):
+
+        def train(cids: list[int], rnd: int = rnd) -> None:
+            for cid in cids:
+                client_update(setup, params, cid, rnd)
+
+        threads = [threading.Thread(target=train, args=(share,)) for share in shares]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def run_parallel_floor(setup: Setup, clients: int, rounds: int, workers: int) -> list[float]:
@@ -450,6 +470,8 @@ def child_main(args: argparse.Namespace) -> None:
         times = run_blazefl(setup, impl, args.clients, args.rounds, args.workers, args.start_method)
     elif impl.startswith("serial-floor"):
         times = run_serial(setup, args.clients, args.rounds, int(impl.rsplit("-", 1)[1][0]))
+    elif impl == "thread-floor":
+        times = run_thread_floor(setup, args.clients, args.rounds, args.workers)
     else:
         times = run_parallel_floor(setup, args.clients, args.rounds, args.workers)
     print(json.dumps({"times": times}), flush=True)
@@ -472,13 +494,15 @@ def _rollup(pid: int) -> tuple[int, int]:
 
 
 class TreeSampler:
-    """Peak RSS and PSS (bytes) of a process and all its descendants."""
+    """Peak RSS and PSS (bytes) of a process and all its descendants, and the peak RSS
+    of the process itself (the server's side, where results are gathered)."""
 
     def __init__(self, pid: int, period: float = 0.05) -> None:
         self.root = psutil.Process(pid)
         self.period = period
         self.peak_rss = 0
         self.peak_pss = 0
+        self.peak_root_rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -497,6 +521,8 @@ class TreeSampler:
                     continue
                 rss += r
                 pss += s
+                if p.pid == self.root.pid:
+                    self.peak_root_rss = max(self.peak_root_rss, r)
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_pss = max(self.peak_pss, pss)
             self._stop.wait(self.period)
@@ -550,7 +576,12 @@ def run_child(args: argparse.Namespace, impl: str, model: str, regime: str, data
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} {model} {regime} failed:\n{err}")
     times = json.loads(out.strip().splitlines()[-1])["times"]
-    return {"times": times, "rss": sampler.peak_rss, "pss": sampler.peak_pss}
+    return {
+        "times": times,
+        "rss": sampler.peak_rss,
+        "pss": sampler.peak_pss,
+        "root_rss": sampler.peak_root_rss,
+    }
 
 
 def summarize(times: list[float]) -> tuple[float, float]:
@@ -568,6 +599,7 @@ def combine(runs: list[dict]) -> dict:
         "steady": statistics.median(s[1] for s in summaries),
         "rss": max(r["rss"] for r in runs),
         "pss": max(r["pss"] for r in runs),
+        "root_rss": max(r["root_rss"] for r in runs),
     }
 
 
@@ -638,7 +670,7 @@ def main() -> None:
     )
     header = (
         f"{'model':9} {'regime':6} {'run':16} {'first s':>8} {'steady s':>9} {'start-up':>9} "
-        f"{'x par.floor':>11} {'peak RSS MB':>12} {'peak PSS MB':>12}"
+        f"{'x par.floor':>11} {'peak RSS MB':>12} {'peak PSS MB':>12} {'parent RSS MB':>14}"
     )
     with tempfile.TemporaryDirectory(prefix="emberfl-e2e-") as tmp:
         data = Path(tmp) / "data.safetensors"
@@ -681,7 +713,7 @@ def main() -> None:
                     print(
                         f"{model:9} {regime:6} {name:16} {first:8.2f} {steady:9.2f} "
                         f"{first - steady:9.2f} {ratio:>11} {row['rss'] / 2**20:12.0f} "
-                        f"{row['pss'] / 2**20:12.0f}",
+                        f"{row['pss'] / 2**20:12.0f} {row['root_rss'] / 2**20:14.0f}",
                         flush=True,
                     )
                 serial = rows.get("serial-floor")

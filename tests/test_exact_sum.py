@@ -172,10 +172,34 @@ def test_bytes_format_and_round_trip() -> None:
     assert (magic, version, grid, length, count) == (b"EMBFLXS\0", 1, 70, 5, 1)
     assert int.from_bytes(data[32:48], "little", signed=True) == 2**63  # 0.5 * 2^64
     assert int.from_bytes(data[48 + 16 : 64 + 16], "little", signed=True) == -(2**69)
-    for blob in (data, bytearray(data), memoryview(data)):
+    array = s.to_array()
+    assert array.dtype == np.uint8 and array.tobytes() == data
+    for blob in (data, bytearray(data), memoryview(data), array, torch.from_numpy(array)):
         back = ExactSum.from_bytes(blob)
         assert back.to_bytes() == data and back.grid == 70 and len(back) == 5
     assert repr(back).startswith("ExactSum(length=5, grid=70, count=1")
+
+
+def test_merge_bytes_reads_in_place_and_refuses_corruption_whole() -> None:
+    g = torch.Generator().manual_seed(4)
+    a, b = ExactSum(50_000), ExactSum(50_000)
+    a.add(torch.randn(50_000, generator=g), 3.0)
+    b.add(torch.randn(50_000, generator=g), 0.25)
+    merged = ExactSum.from_bytes(a.to_bytes())
+    merged.merge(b)
+    via_bytes = ExactSum.from_bytes(a.to_bytes(), threads=3)
+    via_bytes.merge_bytes(b.to_array())
+    assert via_bytes.to_bytes() == merged.to_bytes()
+    corrupt = b.to_array()
+    corrupt[48 + 16 * 40_000 + 15] = 0x7F
+    before = via_bytes.to_bytes()
+    with pytest.raises(ValueError, match="element 40000 exceeds"):
+        via_bytes.merge_bytes(corrupt)
+    assert via_bytes.to_bytes() == before
+    with pytest.raises(ValueError, match="3 elements but the sum has 50000"):
+        via_bytes.merge_bytes(ExactSum(3).to_bytes())
+    with pytest.raises(TypeError, match="uint8"):
+        via_bytes.merge_bytes(np.zeros(4, dtype=np.float32))
 
 
 def test_corrupt_bytes() -> None:

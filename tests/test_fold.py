@@ -251,14 +251,19 @@ def test_a_worker_dying_with_folded_sums_retrains_its_clients(
 # -- the fold itself, with packages of a user's own ------------------------------------
 
 
+def _pool_attributes(trainer: Any, workers: int) -> None:
+    """The attributes BlazeFL's pool protocols ask every trainer to set."""
+    trainer.num_parallels = workers
+    trainer.device = "cpu"
+    trainer.device_count = 0
+    trainer.cache = []
+    trainer.stop_event = threading.Event()
+    trainer.progress = False
+
+
 class DictProcessTrainer(ProcessPoolClientTrainer[dict, dict, int, dict]):
     def __init__(self, workers: int) -> None:
-        self.num_parallels = workers
-        self.device = "cpu"
-        self.device_count = 0
-        self.cache: list[dict] = []
-        self.stop_event = threading.Event()
-        self.progress = False
+        _pool_attributes(self, workers)
         self.torch_threads = 1
 
     def get_client_config(self, cid: int) -> int:
@@ -275,12 +280,7 @@ class DictProcessTrainer(ProcessPoolClientTrainer[dict, dict, int, dict]):
 
 class DictThreadTrainer(ThreadPoolClientTrainer[dict, dict]):
     def __init__(self, workers: int) -> None:
-        self.num_parallels = workers
-        self.device = "cpu"
-        self.device_count = 0
-        self.cache: list[dict] = []
-        self.stop_event = threading.Event()
-        self.progress = False
+        _pool_attributes(self, workers)
 
     def worker(self, cid: int, device: str, payload: dict, stop_event: threading.Event) -> dict:
         return DictProcessTrainer.worker(cid, payload, device, stop_event)

@@ -9,13 +9,13 @@ Accumulation is in float32, cache-blocked over groups of clients, and every outp
 element is summed in the same fixed client order whatever the thread count: the
 result is bitwise identical for ``threads=1`` and ``threads=8``.
 
-:class:`emberfl.streaming.StreamingSum` builds the same sums one update at a time,
-with :func:`accumulate`, bitwise equal to :func:`weighted_sum` of the whole list.
-
 :class:`ExactSum` is an exact, order-independent accumulator: every term lands on a
 fixed binary grid in a 128-bit integer, so any split of the work (by clients, threads
 or processes), merged in any order, gives the same bits, and the mean is rounded to
-float32 once. Its grid, range and error bound are documented on the class.
+float32 once. Its grid, range and error bound are documented on the class. Every
+round's average is made of it (:class:`emberfl.streaming.StreamingSum`, and the
+workers' sums of :mod:`emberfl.core.fold`); the float32 kernels above stay for
+one-shot means of a list, at about a third of its cost per vector.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from emberfl import _core
 from emberfl._core import NonFiniteError, OutOfRangeError
 
 __all__ = [
+    "Bytes",
     "ExactSum",
     "NonFiniteError",
     "OutOfRangeError",
@@ -41,6 +42,24 @@ __all__ = [
 ]
 
 Vector: TypeAlias = "torch.Tensor | np.ndarray"
+#: Serialized sums: bytes-like objects, uint8 numpy arrays or uint8 CPU tensors.
+Bytes: TypeAlias = "bytes | bytearray | memoryview | np.ndarray | torch.Tensor"
+
+
+def _byte_array(data: Bytes) -> np.ndarray:
+    """``data`` as a 1-D uint8 numpy array, without copying."""
+    if isinstance(data, torch.Tensor):
+        if data.dtype != torch.uint8 or data.device.type != "cpu":
+            raise TypeError(f"expected a uint8 CPU tensor, got {data.dtype} on {data.device}")
+        return data.detach().reshape(-1).numpy()
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise TypeError(f"expected a uint8 array, got {data.dtype}")
+        return data.reshape(-1)
+    if isinstance(data, bytes | bytearray | memoryview):
+        return np.frombuffer(data, dtype=np.uint8)
+    raise TypeError(f"expected bytes or a uint8 array, got {type(data).__name__}")
+
 
 _NUMPY_KIND: dict[object, str] = {
     np.dtype(np.float32): "f32",
@@ -203,10 +222,11 @@ class ExactSum:
         self.threads = threads
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview, *, threads: int = 1) -> ExactSum:
-        """An accumulator from :meth:`to_bytes`' output; corrupt bytes raise ``ValueError``."""
+    def from_bytes(cls, data: Bytes, *, threads: int = 1) -> ExactSum:
+        """An accumulator from :meth:`to_bytes`' output (read in place); corrupt bytes
+        raise ``ValueError``."""
         self = cls.__new__(cls)
-        self._core = _core.ExactSum.from_bytes(data if isinstance(data, bytes) else bytes(data))
+        self._core = _core.ExactSum.from_bytes(_byte_array(data))
         self.threads = threads
         return self
 
@@ -215,6 +235,10 @@ class ExactSum:
         u32 grid, u64 length, u64 count of vectors, i128 total weight in units of
         ``2**-64``, then ``length`` i128 sums in units of ``2**-grid`` (48 + 16 * length
         bytes)."""
+        return self._core.to_bytes().tobytes()
+
+    def to_array(self) -> np.ndarray:
+        """:meth:`to_bytes`' bytes as a new uint8 array (no second copy)."""
         return self._core.to_bytes()
 
     def __len__(self) -> int:
@@ -256,6 +280,12 @@ class ExactSum:
         if not isinstance(other, ExactSum):
             raise TypeError(f"expected an ExactSum, got {type(other).__name__}")
         self._core.merge(other._core, self.threads)
+
+    def merge_bytes(self, data: Bytes) -> None:
+        """Adds the sum that ``data`` (:meth:`to_bytes`' format, e.g. a mapped file)
+        holds, read in place; on ``ValueError`` (corrupt or mismatched) this sum is left
+        as it was."""
+        self._core.merge_bytes(_byte_array(data), self.threads)
 
     def finish(self) -> torch.Tensor:
         """The weighted mean ``sum_i w_i x_i / sum_i w_i`` as float32, rounded once.

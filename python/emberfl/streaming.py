@@ -207,41 +207,62 @@ class StreamingSum:
     # -- across processes ------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the sums to a store file (atomically); :meth:`load` reads them back.
+        """Write the sums to a store file (atomically); :meth:`merge_file` and :meth:`load`
+        read them back.
 
-        One uint8 tensor per term holds :meth:`ExactSum.to_bytes`' output; :attr:`skipped`
+        One uint8 tensor per term holds :meth:`ExactSum.to_bytes`' format; :attr:`skipped`
         is not saved (labels are the caller's to carry).
         """
         self._check_usable()
         tensors = {
-            name: torch.frombuffer(bytearray(total.to_bytes()), dtype=torch.uint8)
+            name: torch.from_numpy(total.to_array())
             for name, total in zip(self._names, self._sums, strict=True)
         }
         metadata = {"format": _FORMAT, "terms": "\n".join(self._names), "count": str(self.count)}
         store.save(path, tensors, metadata=metadata)
 
+    def merge_file(self, path: str | os.PathLike[str]) -> None:
+        """Merge the sums that :meth:`save` wrote to ``path``, read in place from the mapped
+        file (no copy of them is made). A file that is not one raises ``ValueError``."""
+        self._check_usable()
+        mapped = store.open_file(path)
+        meta = mapped.metadata
+        where = os.fspath(path)
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{where} holds no saved StreamingSum")
+        names = tuple(meta["terms"].split("\n")) if meta.get("terms") else ()
+        if sorted(names) != sorted(mapped.keys()):
+            raise ValueError(f"{where}: terms {list(names)} do not match its tensors")
+        try:
+            count = int(meta["count"])
+        except (KeyError, ValueError):
+            raise ValueError(f"{where}: no valid count") from None
+        if names and self._names and names != self._names:
+            raise ValueError(f"cannot merge terms {list(names)} into {list(self._names)}")
+        for k, name in enumerate(names):
+            data = mapped[name]
+            try:
+                if self._names:
+                    self._sums[k].merge_bytes(data)
+                else:
+                    self._sums.append(ExactSum.from_bytes(data, threads=self.threads))
+            except ValueError as exc:
+                # A refused term leaves its sum as it was; earlier terms are in.
+                self._broken = k > 0
+                if not self._names:
+                    self._sums = []
+                raise ValueError(f"{where}: term {name!r}: {exc}") from None
+        if names and not self._names:
+            self._names = names
+        self.count += count
+
     @classmethod
     def load(
         cls, path: str | os.PathLike[str], *, nonfinite: NonFiniteMode = "raise", threads: int = 1
     ) -> StreamingSum:
-        """Sums that :meth:`save` wrote; a file that is not one raises ``ValueError``."""
+        """Sums that :meth:`save` wrote (see :meth:`merge_file`)."""
         sums = cls(nonfinite=nonfinite, threads=threads)
-        mapped = store.open_file(path)
-        meta = mapped.metadata
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{os.fspath(path)} holds no saved StreamingSum")
-        names = tuple(meta["terms"].split("\n")) if meta.get("terms") else ()
-        if sorted(names) != sorted(mapped.keys()):
-            raise ValueError(f"{os.fspath(path)}: terms {list(names)} do not match its tensors")
-        try:
-            count = int(meta["count"])
-        except (KeyError, ValueError):
-            raise ValueError(f"{os.fspath(path)}: no valid count") from None
-        sums._sums = [
-            ExactSum.from_bytes(mapped[name].numpy().tobytes(), threads=threads) for name in names
-        ]
-        sums._names = names
-        sums.count = count
+        sums.merge_file(path)
         return sums
 
     # -- reading ---------------------------------------------------------------------

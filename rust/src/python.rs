@@ -17,7 +17,7 @@ use numpy::{
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyString};
+use pyo3::types::{PyDict, PyString};
 
 use crate::dtype::Dtype;
 use crate::exact::{self, ExactError};
@@ -320,12 +320,30 @@ impl PyExactSum {
         })
     }
 
+    /// `data`: a 1-D uint8 array of the byte format (read in place).
     #[staticmethod]
-    fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
+    fn from_bytes(py: Python<'_>, data: Bound<'_, PyAny>) -> PyResult<Self> {
+        let array = readonly::<u8>(&data, "data", None)?;
+        let bytes = as_slice(&array, "data")?;
         let inner = py
-            .detach(|| exact::ExactSum::from_bytes(data))
+            .detach(|| exact::ExactSum::from_bytes(bytes))
             .map_err(exact_err)?;
         Ok(PyExactSum { inner })
+    }
+
+    /// Adds the sum that `data` (a 1-D uint8 array of the byte format) holds, in place.
+    #[pyo3(signature = (data, threads=1))]
+    fn merge_bytes(
+        &mut self,
+        py: Python<'_>,
+        data: Bound<'_, PyAny>,
+        threads: usize,
+    ) -> PyResult<()> {
+        let array = readonly::<u8>(&data, "data", None)?;
+        let bytes = as_slice(&array, "data")?;
+        let inner = &mut self.inner;
+        py.detach(|| inner.merge_bytes(bytes, threads))
+            .map_err(exact_err)
     }
 
     fn __len__(&self) -> usize {
@@ -418,11 +436,15 @@ impl PyExactSum {
         Ok(array)
     }
 
-    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        PyBytes::new_with(py, self.inner.byte_len(), |buf| {
-            self.inner.write_bytes(buf);
-            Ok(())
-        })
+    /// The byte format as a new 1-D uint8 array.
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u8>>> {
+        let array = PyArray1::<u8>::zeros(py, self.inner.byte_len(), false);
+        let mut rw = array.readwrite();
+        let out = rw.as_slice_mut().expect("a new array is contiguous");
+        let inner = &self.inner;
+        py.detach(|| inner.write_bytes(out));
+        drop(rw);
+        Ok(array)
     }
 }
 

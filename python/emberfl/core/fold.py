@@ -247,7 +247,7 @@ class FoldCollector:
 
     def merge_file(self, path: str | os.PathLike[str]) -> None:
         """Merge the sums a worker process saved to ``path``, then remove the file."""
-        self.merge(StreamingSum.load(path))
+        self.total.merge_file(path)
         with contextlib.suppress(OSError):
             os.unlink(path)
 
