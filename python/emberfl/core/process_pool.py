@@ -1,13 +1,14 @@
 """The process-pool client trainer: clients run in persistent worker processes.
 
 The payload is written once per round to a package file that every worker maps;
-each client's result comes back the same way and is handed over in the order of
-``cid_list`` as it arrives. The worker processes and the share directory are owned
-by the trainer's runtime (:mod:`emberfl.core.workers`).
+each client's result comes back the same way (or, with ``uplink_fold``, is folded
+into its worker's sums, which come back once per round) and is handed over in the
+order of ``cid_list`` as it arrives. The worker processes and the share directory
+are owned by the trainer's runtime (:mod:`emberfl.core.workers`).
 
 Besides the optional attributes both pools read (``seed``, ``progress``,
-``client_timeout``, ``on_uplink``; see :mod:`emberfl.core.client_trainer`), this
-pool reads:
+``client_timeout``, ``on_uplink``, ``uplink_fold``; see
+:mod:`emberfl.core.client_trainer`), this pool reads:
 
 ``share_dir`` (path, default: the system temp dir)
     Where a fresh per-trainer directory for round files is made; it is removed on

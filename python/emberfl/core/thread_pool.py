@@ -2,8 +2,9 @@
 
 The payload is shared as it is (no files) and uplinks are handed over in the order
 of ``cid_list`` as they arrive. The optional attributes it reads (``seed``,
-``progress``, ``client_timeout``, ``on_uplink``) are described in
-:mod:`emberfl.core.client_trainer`.
+``progress``, ``client_timeout``, ``on_uplink``, ``uplink_fold``) are described in
+:mod:`emberfl.core.client_trainer`; with ``uplink_fold`` each worker thread folds
+its clients into a sum of its own.
 """
 
 from __future__ import annotations
@@ -125,8 +126,8 @@ class ThreadPoolClientTrainer(
     global random state (``torch.randn`` without a generator, dropout, ...) is
     reproducible in the process pool but not here.
 
-    Optional attributes: ``seed``, ``progress``, ``client_timeout``, ``on_uplink``
-    (see :mod:`emberfl.core.client_trainer`).
+    Optional attributes: ``seed``, ``progress``, ``client_timeout``, ``on_uplink``,
+    ``uplink_fold`` (see :mod:`emberfl.core.client_trainer`).
     """
 
     num_parallels: int
