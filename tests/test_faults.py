@@ -378,32 +378,36 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path: Path) -> None:
     assert load_checkpoint(run).round == fh.ROUNDS
 
 
-@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
-def test_damaged_uplink_file_is_a_store_error(
+@pytest.mark.parametrize("damage", ["truncate", "corrupt-header", "corrupt-values"])
+def test_damaged_sums_file_is_a_clear_error(
     tmp_path: Path, damage: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from emberfl.core import process_pool
+    from emberfl.core.fold import FoldCollector
 
     simulation = small_simulation(tmp_path)
     simulation.run_round()
     pids = list(simulation.trainer.worker_pids)
-    original = process_pool.load_package
+    original = FoldCollector.merge_file
     damaged: list[str] = []
 
-    def load_damaged(path: Any) -> Any:
-        # Between the worker writing its uplink and the server reading it.
+    def merge_damaged(self: FoldCollector, path: Any) -> None:
+        # Between a worker writing its folded sums and the trainer merging them.
         if not damaged:
             p = Path(path)
-            data = p.read_bytes()
+            data = bytearray(p.read_bytes())
             if damage == "truncate":
-                p.write_bytes(data[: len(data) // 2])
+                data = data[: len(data) // 2]
+            elif damage == "corrupt-header":
+                data[:64] = b"\xff" * 64
             else:
-                p.write_bytes(b"\xff" * 64 + data[64:])
+                data[-1] ^= 0x40  # the top byte of the last element's sum
+            p.write_bytes(bytes(data))
             damaged.append(p.name)
-        return original(path)
+        original(self, path)
 
-    monkeypatch.setattr(process_pool, "load_package", load_damaged)
-    with pytest.raises(store.StoreError) as info:
+    monkeypatch.setattr(FoldCollector, "merge_file", merge_damaged)
+    expected = ValueError if damage == "corrupt-values" else store.StoreError
+    with pytest.raises(expected) as info:
         simulation.run_round()
     assert damaged and damaged[0] in str(info.value)
     after_failure(simulation, pids)
