@@ -14,6 +14,7 @@ import torch
 from emberfl import store
 from emberfl.core import PackageError, load_package, save_package
 from emberfl.core.packages import join_package, read_skeleton, split_package
+from linux import proc_self
 
 Pair = namedtuple("Pair", ["left", "right"])
 
@@ -105,7 +106,7 @@ def test_round_trip_through_a_file_is_exact_and_zero_copy(tmp_path: Path) -> Non
 
 def mapping_path(address: int) -> str | None:
     """The file mapped at ``address`` in this process (``None`` for anonymous memory)."""
-    with open("/proc/self/maps") as maps:
+    with open(proc_self("maps")) as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
             lo, hi = (int(x, 16) for x in fields[0].split("-"))

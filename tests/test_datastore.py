@@ -29,6 +29,7 @@ from emberfl.data import (
     iter_batches,
 )
 from emberfl.data.store import MANIFEST_NAME
+from linux import proc_self
 
 MEAN = (0.49, 0.48, 0.45)
 STD = (0.25, 0.24, 0.26)
@@ -67,7 +68,7 @@ def root(tmp_path: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> Pa
 
 def mapping_path(ptr: int) -> str | None:
     """The file mapped at address ``ptr`` in this process, from /proc/self/maps."""
-    with open("/proc/self/maps") as maps:
+    with open(proc_self("maps")) as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
             lo, hi = (int(v, 16) for v in fields[0].split("-"))

@@ -29,6 +29,7 @@ from emberfl.core import (
     WorkerCrashedError,
     current_client,
 )
+from linux import proc_self
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -148,7 +149,7 @@ def test_task_messages_are_small_and_carry_no_tensors(trainer: ScriptedTrainer) 
 
 
 def _mapping_of(address: int) -> str | None:
-    with open("/proc/self/maps") as maps:
+    with open(proc_self("maps")) as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
@@ -296,7 +297,7 @@ def test_empty_round_and_bad_input(trainer: ScriptedTrainer) -> None:
 
 
 def _mapped_uplinks(share: Path) -> int:
-    with open("/proc/self/maps") as maps:
+    with open(proc_self("maps")) as maps:
         return sum(1 for line in maps if str(share) in line and "/uplink-" in line)
 
 

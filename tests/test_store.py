@@ -19,6 +19,7 @@ import safetensors.torch as st
 import torch
 
 from emberfl import store
+from linux import proc_self
 
 DTYPES = [
     torch.float32,
@@ -61,7 +62,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 def mapping_of(ptr: int) -> str | None:
     """The path of the /proc/self/maps entry holding address ``ptr``."""
-    for line in Path("/proc/self/maps").read_text().splitlines():
+    for line in proc_self("maps").read_text().splitlines():
         parts = line.split(maxsplit=5)
         lo, hi = (int(x, 16) for x in parts[0].split("-"))
         if lo <= ptr < hi:
@@ -70,7 +71,7 @@ def mapping_of(ptr: int) -> str | None:
 
 
 def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in proc_self("status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")

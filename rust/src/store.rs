@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use memmap2::{Advice, MmapMut, MmapOptions};
+use memmap2::{MmapMut, MmapOptions};
 
 use crate::dtype::Dtype;
 use crate::header::{self, Header, HeaderError, TensorInfo};
@@ -308,8 +308,10 @@ impl MappedFile {
                 // Small files are read whole right after mapping (a client's model); one
                 // madvise maps their page-cache pages read-only in a single call instead
                 // of a page fault per 16 pages. Unlike MAP_POPULATE it does not copy pages
-                // of the private mapping. Best effort: older kernels reject the advice.
-                let _ = m.advise(Advice::PopulateRead);
+                // of the private mapping. Best effort: older kernels reject the advice,
+                // and it exists on Linux only (elsewhere pages fault in as read).
+                #[cfg(target_os = "linux")]
+                let _ = m.advise(memmap2::Advice::PopulateRead);
             }
         }
         Ok(MappedFile {
