@@ -235,7 +235,16 @@ def _run_parser(sub: Any) -> argparse.ArgumentParser:
         "--runtime",
         choices=RUNTIMES,
         default=d.runtime,
-        help="where clients run: worker processes, threads, or serially in this process",
+        help="where clients run: worker processes, threads, serially in this process, or "
+        "batched (groups of --batch-clients clients trained as one model; FedAvg, FedProx "
+        "and FedOpt, models without BatchNorm)",
+    )
+    add(
+        g,
+        "--batch-clients",
+        type=int,
+        default=d.batch_clients,
+        help="clients trained together by --runtime batched",
     )
     g.add_argument(
         "--thread-pool",

@@ -58,8 +58,16 @@ DEFAULT_MODELS: dict[str, str] = {
 CONFIG_FILE = "config.json"
 
 #: Settings a resumed run may change: they decide how the rounds run, not what they
-#: compute (results are bitwise the same for any runtime and worker count).
-RESUME_SETTINGS: tuple[str, ...] = ("workers", "threads", "runtime", "progress", "checkpoint_every")
+#: compute (results are bitwise the same for any runtime and worker count; the batched
+#: runtime agrees with the others within float rounding).
+RESUME_SETTINGS: tuple[str, ...] = (
+    "workers",
+    "threads",
+    "runtime",
+    "batch_clients",
+    "progress",
+    "checkpoint_every",
+)
 
 
 class ConfigError(ValueError):
@@ -92,6 +100,7 @@ class SimulationConfig:
     workers: int = 2
     threads: int | None = None
     runtime: str = "process"
+    batch_clients: int = 32
     device: str = "cpu"
     seed: int = 0
     mu: float = 0.01
@@ -194,6 +203,7 @@ class SimulationConfig:
         _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("shards_per_client", self.shards_per_client, 1)
         _at_least("workers", self.workers, 1 if self.runtime == "thread" else 0)
+        _at_least("batch_clients", self.batch_clients, 1)
         if self.threads is not None:
             _at_least("threads", self.threads, 1)
         try:

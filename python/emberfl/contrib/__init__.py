@@ -15,6 +15,7 @@ from emberfl.contrib.client_state import ClientStateStore
 from emberfl.contrib.fedavg import (
     FedAvgBaseClientTrainer,
     FedAvgBaseServerHandler,
+    FedAvgBatchedClientTrainer,
     FedAvgClientConfig,
     FedAvgClientUpdate,
     FedAvgDownlinkPackage,
@@ -36,6 +37,7 @@ from emberfl.contrib.fedopt import (
 from emberfl.contrib.fedprox import (
     FedProxBaseClientTrainer,
     FedProxBaseServerHandler,
+    FedProxBatchedClientTrainer,
     FedProxClientUpdate,
     FedProxProcessPoolClientTrainer,
     FedProxThreadPoolClientTrainer,
@@ -72,6 +74,7 @@ __all__ = [
     "FedAdamServerHandler",
     "FedAvgBaseClientTrainer",
     "FedAvgBaseServerHandler",
+    "FedAvgBatchedClientTrainer",
     "FedAvgClientConfig",
     "FedAvgClientUpdate",
     "FedAvgDownlinkPackage",
@@ -84,6 +87,7 @@ __all__ = [
     "FedOptServerHandler",
     "FedProxBaseClientTrainer",
     "FedProxBaseServerHandler",
+    "FedProxBatchedClientTrainer",
     "FedProxClientUpdate",
     "FedProxProcessPoolClientTrainer",
     "FedProxThreadPoolClientTrainer",

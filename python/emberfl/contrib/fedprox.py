@@ -19,6 +19,7 @@ import torch
 from emberfl.contrib.fedavg import (
     FedAvgBaseClientTrainer,
     FedAvgBaseServerHandler,
+    FedAvgBatchedClientTrainer,
     FedAvgClientUpdate,
     FedAvgProcessPoolClientTrainer,
     FedAvgThreadPoolClientTrainer,
@@ -28,6 +29,7 @@ from emberfl.contrib.fedavg import (
 __all__ = [
     "FedProxBaseClientTrainer",
     "FedProxBaseServerHandler",
+    "FedProxBatchedClientTrainer",
     "FedProxClientUpdate",
     "FedProxProcessPoolClientTrainer",
     "FedProxThreadPoolClientTrainer",
@@ -45,6 +47,9 @@ class FedProxClientUpdate(FedAvgClientUpdate):
 
     def __init__(self, mu: float) -> None:
         self.mu = _check_mu(mu)
+
+    def batched_proximal_mu(self) -> float | None:
+        return self.mu if type(self) is FedProxClientUpdate else None
 
     def begin(self, run: LocalRun) -> None:
         run.extra["prox"] = [
@@ -93,3 +98,10 @@ class FedProxThreadPoolClientTrainer(FedAvgThreadPoolClientTrainer):
     def __init__(self, *args: Any, mu: float = 0.01, **kwargs: Any) -> None:
         super().__init__(*args, client_update=FedProxClientUpdate(mu), **kwargs)
         self.mu = float(mu)
+
+
+class FedProxBatchedClientTrainer(FedAvgBatchedClientTrainer):
+    """FedProx clients trained in batched groups: FedAvg's arguments plus ``mu``."""
+
+    def __init__(self, *args: Any, mu: float, **kwargs: Any) -> None:
+        super().__init__(*args, client_update=FedProxClientUpdate(mu), **kwargs)

@@ -2,9 +2,10 @@
 
 One :class:`AlgorithmSpec` per algorithm name says how to build its server handler
 from a run's settings, which client trainer classes it uses in the ``process``,
-``thread`` and ``serial`` runtimes (and which extra keyword arguments they take),
-and whether it keeps per-client state on disk that outlives a round (SCAFFOLD's
-control variates, which then belong in the run directory and its checkpoints).
+``thread``, ``serial`` and (where it has one) ``batched`` runtimes (and which extra
+keyword arguments they take), and whether it keeps per-client state on disk that
+outlives a round (SCAFFOLD's control variates, which then belong in the run directory
+and its checkpoints).
 Adding an algorithm to ``emberfl run`` is adding one entry to :data:`ALGORITHM_SPECS`.
 
 The settings are read through :class:`AlgorithmSettings`, a protocol that
@@ -22,6 +23,7 @@ from typing import Any, Protocol, cast
 from emberfl.contrib.fedavg import (
     FedAvgBaseClientTrainer,
     FedAvgBaseServerHandler,
+    FedAvgBatchedClientTrainer,
     FedAvgPartitionedDataset,
     FedAvgProcessPoolClientTrainer,
     FedAvgThreadPoolClientTrainer,
@@ -36,6 +38,7 @@ from emberfl.contrib.fedopt import (
 from emberfl.contrib.fedprox import (
     FedProxBaseClientTrainer,
     FedProxBaseServerHandler,
+    FedProxBatchedClientTrainer,
     FedProxProcessPoolClientTrainer,
     FedProxThreadPoolClientTrainer,
 )
@@ -59,8 +62,9 @@ __all__ = [
     "make_server_handler",
 ]
 
-#: Where the clients of a round run: worker processes, threads, or serially.
-RUNTIMES: tuple[str, ...] = ("process", "thread", "serial")
+#: Where the clients of a round run: worker processes, threads, serially, or in batched
+#: groups of clients trained as one model (FedAvg's and FedProx's client steps).
+RUNTIMES: tuple[str, ...] = ("process", "thread", "serial", "batched")
 
 
 class AlgorithmSettings(Protocol):
@@ -93,6 +97,8 @@ class AlgorithmSettings(Protocol):
     @property
     def threads_per_worker(self) -> int: ...
     @property
+    def batch_clients(self) -> int: ...
+    @property
     def progress(self) -> bool: ...
     @property
     def mu(self) -> float: ...
@@ -119,11 +125,17 @@ class TrainerClasses:
     process: type[FedAvgProcessPoolClientTrainer]
     thread: type[FedAvgThreadPoolClientTrainer]
     serial: type[FedAvgBaseClientTrainer]
+    batched: type[FedAvgBatchedClientTrainer] | None = None
 
     def for_runtime(self, runtime: str) -> type[Any]:
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
-        cls: type[Any] = getattr(self, runtime)
+        cls: type[Any] | None = getattr(self, runtime)
+        if cls is None:
+            raise ValueError(
+                f"this algorithm has no {runtime} runtime (its client step runs per client); "
+                "choose process, thread or serial"
+            )
         return cls
 
 
@@ -199,7 +211,10 @@ def _nonfinite(s: AlgorithmSettings) -> NonFinitePolicy:
 
 
 _FEDAVG_TRAINERS = TrainerClasses(
-    FedAvgProcessPoolClientTrainer, FedAvgThreadPoolClientTrainer, FedAvgBaseClientTrainer
+    FedAvgProcessPoolClientTrainer,
+    FedAvgThreadPoolClientTrainer,
+    FedAvgBaseClientTrainer,
+    FedAvgBatchedClientTrainer,
 )
 
 _SPECS: tuple[AlgorithmSpec, ...] = (
@@ -211,6 +226,7 @@ _SPECS: tuple[AlgorithmSpec, ...] = (
             FedProxProcessPoolClientTrainer,
             FedProxThreadPoolClientTrainer,
             FedProxBaseClientTrainer,
+            FedProxBatchedClientTrainer,
         ),
         client_options=lambda s: {"mu": s.mu},
     ),
@@ -292,5 +308,15 @@ def make_client_trainer(
     if runtime == "thread":
         return cls(
             selector, s.model_name, dataset, *common, s.workers, state_dir=state_dir, **extra
+        )
+    if runtime == "batched":
+        return cls(
+            selector,
+            s.model_name,
+            dataset,
+            *common,
+            batch_clients=s.batch_clients,
+            state_dir=state_dir,
+            **extra,
         )
     return cls(selector, s.model_name, dataset, *common, state_dir=state_dir, **extra)

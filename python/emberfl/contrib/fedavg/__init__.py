@@ -21,6 +21,7 @@ The pieces, each an extension point for the other algorithms of this package:
   same seed.
 """
 
+from emberfl.contrib.fedavg.batched import FedAvgBatchedClientTrainer
 from emberfl.contrib.fedavg.packages import (
     FedAvgDownlinkPackage,
     FedAvgPartitionedDataset,
@@ -40,6 +41,7 @@ from emberfl.contrib.fedavg.update import FedAvgClientUpdate, LocalRun
 __all__ = [
     "FedAvgBaseClientTrainer",
     "FedAvgBaseServerHandler",
+    "FedAvgBatchedClientTrainer",
     "FedAvgClientConfig",
     "FedAvgClientUpdate",
     "FedAvgDownlinkPackage",

@@ -102,5 +102,11 @@ class FedAvgClientUpdate:
         """The uplink of the trained client (default: ``package`` as it is)."""
         return package
 
+    def batched_proximal_mu(self) -> float | None:
+        """How the batched runtime can run this step: the proximal coefficient to add
+        (``mu * (w - w_global)`` to each gradient; 0 for none), or None when it cannot
+        (a subclass whose hooks must run per client)."""
+        return 0.0 if type(self) is FedAvgClientUpdate else None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
