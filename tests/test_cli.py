@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from emberfl import store
@@ -154,6 +156,26 @@ def test_end_to_end_in_a_subprocess_with_worker_processes(tmp_path: Path) -> Non
     assert set(store.load(out / "model.safetensors")) == {
         "net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias",
     }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_command_leaves_no_process_behind(tmp_path: Path) -> None:
+    """Worker processes, and multiprocessing's resource tracker, are gone (and reaped)
+    when the command returns: nothing of its session is left, not even a zombie."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emberfl", "run", *TINY, "--workers", "2", "--out",
+         str(tmp_path / "run")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    left = []
+    for pid in psutil.pids():
+        with contextlib.suppress(psutil.Error, OSError):
+            if pid != proc.pid and os.getsid(pid) == proc.pid:
+                left.append(psutil.Process(pid).as_dict(["pid", "status", "cmdline"]))
+    assert left == []
 
 
 def test_default_out_dir_is_under_runs(

@@ -482,3 +482,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("emberfl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def console_main() -> int:
+    """The ``emberfl`` console script (and ``python -m emberfl``): :func:`main`, then
+    multiprocessing's helper processes of this process are stopped and reaped.
+
+    The spawn start method starts a resource tracker (and ``forkserver`` a fork server)
+    that would otherwise exit only after this process, re-parented to init: a command
+    must leave no process behind. :func:`main` itself leaves them alone, because a
+    program that calls it may go on using multiprocessing.
+    """
+    try:
+        return main()
+    finally:
+        _stop_multiprocessing_helpers()
+
+
+def _stop_multiprocessing_helpers() -> None:
+    from multiprocessing import forkserver, resource_tracker
+
+    # Private but stable since Python 3.8: each closes its helper's pipe and waits for it.
+    for module, name in ((forkserver, "_forkserver"), (resource_tracker, "_resource_tracker")):
+        stop = getattr(getattr(module, name, None), "_stop", None)
+        if callable(stop):
+            with contextlib.suppress(Exception):
+                stop()
