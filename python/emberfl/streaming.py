@@ -29,10 +29,11 @@ import os
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, TypeAlias
 
+import numpy as np
 import torch
 
 from emberfl import store
-from emberfl.aggregate import ExactSum, NonFiniteError, OutOfRangeError, find_nonfinite
+from emberfl.aggregate import Bytes, ExactSum, NonFiniteError, OutOfRangeError, find_nonfinite
 
 __all__ = [
     "NonFiniteContribution",
@@ -213,11 +214,7 @@ class StreamingSum:
         One uint8 tensor per term holds :meth:`ExactSum.to_bytes`' format; :attr:`skipped`
         is not saved (labels are the caller's to carry).
         """
-        self._check_usable()
-        tensors = {
-            name: torch.from_numpy(total.to_array())
-            for name, total in zip(self._names, self._sums, strict=True)
-        }
+        tensors = {name: torch.from_numpy(data) for name, data in self.term_bytes().items()}
         metadata = {"format": _FORMAT, "terms": "\n".join(self._names), "count": str(self.count)}
         store.save(path, tensors, metadata=metadata)
 
@@ -239,22 +236,36 @@ class StreamingSum:
             raise ValueError(f"{where}: no valid count") from None
         if names and self._names and names != self._names:
             raise ValueError(f"cannot merge terms {list(names)} into {list(self._names)}")
-        for k, name in enumerate(names):
-            data = mapped[name]
-            try:
-                if self._names:
-                    self._sums[k].merge_bytes(data)
-                else:
-                    self._sums.append(ExactSum.from_bytes(data, threads=self.threads))
-            except ValueError as exc:
-                # A refused term leaves its sum as it was; earlier terms are in.
-                self._broken = k > 0
-                if not self._names:
-                    self._sums = []
-                raise ValueError(f"{where}: term {name!r}: {exc}") from None
-        if names and not self._names:
-            self._names = names
+        for name in names:
+            self.merge_term_bytes(name, mapped[name], where=where)
         self.count += count
+
+    def term_bytes(self) -> dict[str, np.ndarray]:
+        """Each term's exact sum in :meth:`ExactSum.to_bytes`' format, as uint8 arrays
+        (what :meth:`save` writes; for other transports, such as collectives)."""
+        self._check_usable()
+        return {n: s.to_array() for n, s in zip(self._names, self._sums, strict=True)}
+
+    def merge_term_bytes(self, name: str, data: Bytes, *, where: str = "") -> None:
+        """Merge one term's exact sum, given in :meth:`ExactSum.to_bytes`' format (read in
+        place). Terms must arrive in the order of the first contribution's: a new term
+        is appended while this sum has counted nothing itself. :attr:`count` is not
+        changed (the caller knows how many contributions the bytes hold).
+        """
+        self._check_usable()
+        prefix = f"{where}: " if where else ""
+        try:
+            if name in self._names:
+                self._sums[self._names.index(name)].merge_bytes(data)
+                return
+            if self.count:
+                raise ValueError(f"no term {name!r} in {list(self._names)}")
+            self._sums.append(ExactSum.from_bytes(data, threads=self.threads))
+            self._names = (*self._names, name)
+        except ValueError as exc:
+            # A refused term leaves its sum as it was; earlier terms may be in.
+            self._broken = bool(self._names)
+            raise ValueError(f"{prefix}term {name!r}: {exc}") from None
 
     @classmethod
     def load(
