@@ -39,7 +39,7 @@ from emberfl.core import (
     current_client,
     serialize_model,
 )
-from emberfl.core.fold import FoldedRound, InProcessFold
+from emberfl.core.fold import FoldedRound, InProcessFold, WireStandIn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -316,7 +316,7 @@ def test_fold_checks_its_terms_and_packages() -> None:
     assert pickle.loads(pickle.dumps(fold)) == fold
     package = FedAvgUplinkPackage(3, torch.ones(4), 2, {"loss": 0.5})
     assert fold.contributions(package) == [("model", package.model_parameters, 2.0)]
-    wire = fold.wire_stand_in(package, ())
+    wire = WireStandIn(fold.wire_skeleton(package), ())
     rebuilt = wire.package()
     assert rebuilt.cid == 3 and rebuilt.metadata == {"loss": 0.5}
     assert rebuilt.model_parameters.is_meta and rebuilt.model_parameters.shape == (4,)

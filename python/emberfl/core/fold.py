@@ -40,6 +40,7 @@ __all__ = [
     "InProcessFold",
     "UplinkFold",
     "WireStandIn",
+    "map_fields",
     "read_fold",
 ]
 
@@ -73,6 +74,22 @@ def _get(package: Any, name: str) -> Any:
         raise AttributeError(
             f"the uplink ({type(package).__name__}) has no field {name!r}"
         ) from None
+
+
+def map_fields(package: Any, fn: Callable[[str, Any], Any]) -> Any:
+    """``package`` (a dataclass or a mapping) with each top-level value ``v`` of field
+    ``name`` replaced by ``fn(name, v)``; a mapping comes back as a dict."""
+    if isinstance(package, Mapping):
+        return {name: fn(name, value) for name, value in package.items()}
+    if dataclasses.is_dataclass(package) and not isinstance(package, type):
+        changed = {}
+        for f in dataclasses.fields(package):
+            value = getattr(package, f.name)
+            new = fn(f.name, value)
+            if new is not value:
+                changed[f.name] = new
+        return dataclasses.replace(package, **changed) if changed else package
+    raise TypeError(f"folded uplinks must be dataclasses or mappings, got {type(package).__name__}")
 
 
 @dataclass(frozen=True)
@@ -110,15 +127,10 @@ class WireStandIn:
 
     def package(self) -> Any:
         """The stand-in, rebuilt around data-less ``meta`` tensors."""
-        package = join_package(self.skeleton, {})
-        if isinstance(package, dict):
-            return {k: v.meta() if isinstance(v, _Shape) else v for k, v in package.items()}
-        meta = {
-            f.name: value.meta()
-            for f in dataclasses.fields(package)
-            if isinstance(value := getattr(package, f.name), _Shape)
-        }
-        return dataclasses.replace(package, **meta)
+        return map_fields(
+            join_package(self.skeleton, {}),
+            lambda _, v: v.meta() if isinstance(v, _Shape) else v,
+        )
 
 
 @dataclass(frozen=True)
@@ -168,29 +180,22 @@ class UplinkFold:
 
     def _replace_folded(self, package: Any, make: Callable[[torch.Tensor], Any]) -> Any:
         folded = {t.field for t in self.terms}
-        if isinstance(package, Mapping):
-            fields = dict(package)
-        elif dataclasses.is_dataclass(package) and not isinstance(package, type):
-            fields = {f.name: getattr(package, f.name) for f in dataclasses.fields(package)}
-        else:
-            raise TypeError(
-                f"folded uplinks must be dataclasses or mappings, got {type(package).__name__}"
-            )
-        replaced = {}
-        for name, value in fields.items():
-            if isinstance(value, torch.Tensor):
-                if name not in folded:
-                    raise ValueError(
-                        f"uplink field {name!r} holds a tensor that no fold term names; "
-                        "name it in a FoldTerm or leave trainer.uplink_fold unset"
-                    )
-                replaced[name] = make(value)
-        if isinstance(package, Mapping):
-            return {**fields, **replaced}
-        return dataclasses.replace(package, **replaced)
 
-    def wire_stand_in(self, package: Any, bad_terms: tuple[str, ...]) -> WireStandIn:
-        """The stand-in of ``package`` in the form that crosses processes."""
+        def replace(name: str, value: Any) -> Any:
+            if not isinstance(value, torch.Tensor):
+                return value
+            if name not in folded:
+                raise ValueError(
+                    f"uplink field {name!r} holds a tensor that no fold term names; "
+                    "name it in a FoldTerm or leave trainer.uplink_fold unset"
+                )
+            return make(value)
+
+        return map_fields(package, replace)
+
+    def wire_skeleton(self, package: Any) -> bytes:
+        """The skeleton of ``package``'s stand-in, the form that crosses processes (see
+        :class:`WireStandIn`); refuses a package the fold cannot carry."""
         shapes = self._replace_folded(
             package, lambda t: _Shape(tuple(t.shape), str(t.dtype).removeprefix("torch."))
         )
@@ -200,7 +205,7 @@ class UplinkFold:
                 f"the uplink holds tensors or arrays ({sorted(tensors)}) below its top "
                 "level, which a folded round cannot carry"
             )
-        return WireStandIn(skeleton, bad_terms)
+        return skeleton
 
     def fold(self, sums: StreamingSum, package: Any, label: int) -> tuple[str, ...]:
         """Add ``package`` into ``sums`` (a ``nonfinite="skip"`` sum); returns the names

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import mmap
 import os
@@ -28,7 +27,7 @@ import torch
 
 from emberfl import reproducibility
 from emberfl.core.context import ClientContext, client_scope
-from emberfl.core.fold import UplinkFold, WireStandIn
+from emberfl.core.fold import UplinkFold, WireStandIn, map_fields
 from emberfl.core.packages import join_package, load_package, save_package
 from emberfl.core.utils import reconstruct_from_shared_memory
 from emberfl.streaming import StreamingSum
@@ -361,20 +360,8 @@ class TaskRunner:
             return time.perf_counter() - start, None
         if self._sums is None:
             self._sums = spec.fold.new_sums()
-        wire = spec.fold.wire_stand_in(result, ())  # checks the package before folding
-        bad = spec.fold.fold(self._sums, _to_cpu(result), task.index)
-        return time.perf_counter() - start, WireStandIn(wire.skeleton, bad)
-
-
-def _to_cpu(package: Any) -> Any:
-    """``package`` with its top-level tensors on the CPU (the sums read host memory)."""
-    if isinstance(package, dict):
-        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in package.items()}
-    if dataclasses.is_dataclass(package) and not isinstance(package, type):
-        moved = {
-            f.name: value.cpu()
-            for f in dataclasses.fields(package)
-            if isinstance(value := getattr(package, f.name), torch.Tensor) and value.is_cuda
-        }
-        return dataclasses.replace(package, **moved) if moved else package
-    return package
+        skeleton = spec.fold.wire_skeleton(result)  # refuses what cannot fold, before folding
+        # The sums read host memory: top-level tensors come to the CPU (a no-op there).
+        on_host = map_fields(result, lambda _, v: v.cpu() if isinstance(v, torch.Tensor) else v)
+        bad = spec.fold.fold(self._sums, on_host, task.index)
+        return time.perf_counter() - start, WireStandIn(skeleton, bad)
