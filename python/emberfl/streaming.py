@@ -140,18 +140,7 @@ class StreamingSum:
         if bad:
             self._refuse([(self._label(label), tuple(checked[k][0] for k in bad))])
             return False
-        if not self._names:
-            self._names = tuple(name for name, _, _ in checked)
-            self._sums = [ExactSum(v.numel(), threads=self.threads) for _, v, _ in checked]
-        for k, (total, (_, vector, weight)) in enumerate(zip(self._sums, checked, strict=True)):
-            try:
-                total.add(vector, weight)
-            except (OutOfRangeError, ValueError):
-                # A refused term leaves its sum as it was, but the earlier terms of
-                # this contribution are in: the sums no longer mean anything.
-                self._broken = k > 0
-                raise
-        self.count += 1
+        self._fold_in(checked)
         return True
 
     def add_many(
@@ -161,6 +150,7 @@ class StreamingSum:
 
         With ``nonfinite="raise"`` nothing is added unless every contribution is finite.
         """
+        self._check_usable()
         if labels is not None and len(labels) != len(contributions):
             raise ValueError(f"got {len(labels)} labels for {len(contributions)} contributions")
         named = [
@@ -168,15 +158,23 @@ class StreamingSum:
             for i in range(len(contributions))
         ]
         checked = [_check_terms(terms) for terms in contributions]
-        if self.nonfinite == "raise":
-            found = []
-            for label, terms in zip(named, checked, strict=True):
-                bad = self._nonfinite(terms)
-                if bad:
-                    found.append((label, tuple(terms[k][0] for k in bad)))
-            if found:
-                self._refuse(found)
-        return [self.add(terms, label=label) for label, terms in zip(named, checked, strict=True)]
+        bad = [self._nonfinite(terms) for terms in checked]
+        found = [
+            (label, tuple(terms[k][0] for k in b))
+            for label, terms, b in zip(named, checked, bad, strict=True)
+            if b
+        ]
+        if found and self.nonfinite == "raise":
+            self._refuse(found)
+        folded = []
+        for label, terms, b in zip(named, checked, bad, strict=True):
+            self._check_layout(terms)
+            if b:
+                self._refuse([(label, tuple(terms[k][0] for k in b))])
+            else:
+                self._fold_in(terms)
+            folded.append(not b)
+        return folded
 
     def merge(self, other: StreamingSum) -> None:
         """Add ``other``'s sums (same terms and lengths) into these: the bits of one sum
@@ -335,6 +333,21 @@ class StreamingSum:
         )
 
     # -- machinery -------------------------------------------------------------------
+
+    def _fold_in(self, checked: list[tuple[str, torch.Tensor, float]]) -> None:
+        """Add a checked, finite contribution whose layout matches (the first fixes it)."""
+        if not self._names:
+            self._names = tuple(name for name, _, _ in checked)
+            self._sums = [ExactSum(v.numel(), threads=self.threads) for _, v, _ in checked]
+        for k, (total, (_, vector, weight)) in enumerate(zip(self._sums, checked, strict=True)):
+            try:
+                total.add(vector, weight)
+            except (OutOfRangeError, ValueError):
+                # A refused term leaves its sum as it was, but the earlier terms of
+                # this contribution are in: the sums no longer mean anything.
+                self._broken = k > 0
+                raise
+        self.count += 1
 
     def _nonfinite(self, terms: list[tuple[str, torch.Tensor, float]]) -> list[int]:
         """Which terms hold NaN or Inf (each on its own: their dtypes may differ)."""
