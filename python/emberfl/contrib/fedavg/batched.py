@@ -37,22 +37,20 @@ from emberfl.contrib.checks import check_positive_int
 from emberfl.contrib.fedavg.packages import (
     FedAvgDownlinkPackage,
     FedAvgPartitionedDataset,
-    FedAvgPartitionType,
     FedAvgUplinkPackage,
 )
 from emberfl.contrib.fedavg.settings import FedAvgTrainerSettings, SettingsAttributes
+from emberfl.contrib.fedavg.trainers import as_payload, client_loader, client_round
 from emberfl.contrib.fedavg.update import FedAvgClientUpdate
 from emberfl.core import (
     BaseClientTrainer,
-    ClientContext,
     ModelSelector,
-    client_scope,
     deliver_uplink,
     deserialize_model,
     serialize_model,
 )
 from emberfl.core.fold import InProcessFold, read_fold
-from emberfl.reproducibility import RandomStateSnapshot, seed_client
+from emberfl.reproducibility import RandomStateSnapshot
 
 __all__ = ["FedAvgBatchedClientTrainer", "check_batchable"]
 
@@ -90,7 +88,7 @@ def check_batchable(model: nn.Module, sample: torch.Tensor, target: torch.Tensor
                 "keep apart: use the process, thread or serial runtime, or a norm layer "
                 "without running statistics (GroupNorm, LayerNorm)"
             )
-    step = _group_step(model)
+    step = _GroupStep(model)
     params, _ = stack_module_state([model, model])
     params = {k: v.detach() for k, v in params.items() if k in step.names}
     x = sample.unsqueeze(0).unsqueeze(0).expand(2, 1, *sample.shape)
@@ -127,10 +125,6 @@ class _GroupStep:
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         out: tuple[dict[str, torch.Tensor], torch.Tensor] = self._grads(params, x, y, m)
         return out
-
-
-def _group_step(model: nn.Module) -> _GroupStep:
-    return _GroupStep(model)
 
 
 class FedAvgBatchedClientTrainer(
@@ -182,7 +176,7 @@ class FedAvgBatchedClientTrainer(
         self.model = model_selector.select_model(model_name).to(self.device)
         self.cache: list[FedAvgUplinkPackage] = []
         self.round = 0
-        self._step = _group_step(self.model)
+        self._step = _GroupStep(self.model)
         probe = _first_sample(dataset, num_clients)
         if probe is not None:
             check_batchable(self.model, *probe)
@@ -197,8 +191,7 @@ class FedAvgBatchedClientTrainer(
     ) -> None:
         """Train every client of ``cid_list`` from ``payload``, in groups; uplinks go to
         ``cache`` in client-list order."""
-        if isinstance(payload, torch.Tensor):
-            payload = FedAvgDownlinkPackage(payload)
+        payload = as_payload(payload)
         round_index = self.round
         self.round += 1
         fold = read_fold(self)
@@ -225,15 +218,7 @@ class FedAvgBatchedClientTrainer(
         """Client ``cid``'s batches over all its epochs, in the per-client order, and
         its number of samples."""
         s = self.settings
-        ctx = ClientContext(cid=cid, round=round_index, seed=s.seed, device=s.device)
-        with client_scope(ctx):
-            seed_client(s.seed, cid, round_index)
-            loader = s.dataset.get_dataloader(
-                type_=FedAvgPartitionType.TRAIN,
-                cid=cid,
-                batch_size=s.batch_size,
-                generator=ctx.rng.torch_cpu,
-            )
+        with client_round(s, cid, round_index) as loader:
             batches = [(x, y) for _ in range(s.epochs) for x, y in loader]
         data = loader.dataset
         size = len(data) if isinstance(data, Sized) else sum(len(y) for _, y in batches)
@@ -329,12 +314,6 @@ def _first_sample(
     if dataset is None:
         return None
     for cid in range(num_clients):
-        loader = dataset.get_dataloader(
-            type_=FedAvgPartitionType.TRAIN,
-            cid=cid,
-            batch_size=1,
-            generator=torch.Generator().manual_seed(0),
-        )
-        for x, y in loader:
+        for x, y in client_loader(dataset, cid, 1, torch.Generator().manual_seed(0)):
             return x[0], y[0]
     return None

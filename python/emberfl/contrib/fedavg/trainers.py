@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 
-def _client_loader(
+def client_loader(
     dataset: FedAvgPartitionedDataset, cid: int, batch_size: int, generator: torch.Generator
 ) -> DataLoader[Any]:
     return dataset.get_dataloader(
@@ -62,7 +62,20 @@ def _client_loader(
     )
 
 
-def _as_payload(payload: FedAvgDownlinkPackage | torch.Tensor) -> FedAvgDownlinkPackage:
+@contextlib.contextmanager
+def client_round(
+    settings: FedAvgTrainerSettings, cid: int, round_index: int
+) -> Iterator[DataLoader[Any]]:
+    """Client ``cid``'s round in this process: its context (:func:`current_client`), the
+    global generators seeded from ``(seed, cid, round)`` and its loader, whose batch
+    order comes from the client's own generator -- as the worker processes do it."""
+    ctx = ClientContext(cid=cid, round=round_index, seed=settings.seed, device=settings.device)
+    with client_scope(ctx):
+        seed_client(settings.seed, cid, round_index)
+        yield client_loader(settings.dataset, cid, settings.batch_size, ctx.rng.torch_cpu)
+
+
+def as_payload(payload: FedAvgDownlinkPackage | torch.Tensor) -> FedAvgDownlinkPackage:
     # BlazeFL's serial trainer takes the bare parameter vector.
     if isinstance(payload, torch.Tensor):
         return FedAvgDownlinkPackage(payload)
@@ -121,7 +134,7 @@ class FedAvgBaseClientTrainer(
         self, payload: FedAvgDownlinkPackage | torch.Tensor, cid_list: list[int]
     ) -> None:
         """Train every client of ``cid_list`` from ``payload``; uplinks go to ``cache``."""
-        package = _as_payload(payload)
+        package = as_payload(payload)
         settings = self.settings
         round_index = self.round
         self.round += 1
@@ -132,14 +145,7 @@ class FedAvgBaseClientTrainer(
         try:
             bar = tqdm(cid_list, desc="client", leave=False, disable=not settings.progress)
             for index, cid in enumerate(bar):
-                ctx = ClientContext(
-                    cid=cid, round=round_index, seed=settings.seed, device=settings.device
-                )
-                with client_scope(ctx):
-                    seed_client(settings.seed, cid, round_index)
-                    loader = _client_loader(
-                        settings.dataset, cid, settings.batch_size, ctx.rng.torch_cpu
-                    )
+                with client_round(settings, cid, round_index) as loader:
                     uplink = self.train(package, loader, cid)
                 if folding is not None:
                     uplink = folding.add(index, uplink)
@@ -161,7 +167,7 @@ class FedAvgBaseClientTrainer(
         return settings.client_update(
             cid=cid,
             model=self.model,
-            payload=_as_payload(payload),
+            payload=as_payload(payload),
             loader=train_loader,
             device=settings.device,
             epochs=settings.epochs,
@@ -316,7 +322,7 @@ class FedAvgProcessPoolClientTrainer(
     ) -> FedAvgUplinkPackage:
         """Train one client in a worker process and return its uplink."""
         model = _worker_model(config.model_selector, config.model_name, device)
-        loader = _client_loader(
+        loader = client_loader(
             config.dataset, config.cid, config.batch_size, current_client().rng.torch_cpu
         )
         return config.client_update(
@@ -394,7 +400,7 @@ class FedAvgThreadPoolClientTrainer(
     ) -> FedAvgUplinkPackage:
         """Train client ``cid`` in a worker thread."""
         settings = self.settings
-        loader = _client_loader(
+        loader = client_loader(
             settings.dataset, cid, settings.batch_size, current_client().rng.torch_cpu
         )
         with self._models.borrow(settings.model_selector, settings.model_name, device) as model:
