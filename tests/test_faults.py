@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import faults_helpers as fh
+from linux import default_sigint
 from emberfl import store
 from emberfl.aggregate import NonFiniteError
 from emberfl.core import ClientError, ClientTimeoutError, WorkerCrashedError
@@ -52,6 +53,7 @@ class Child:
             text=True,
             start_new_session=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=default_sigint,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []

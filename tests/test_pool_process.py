@@ -29,7 +29,7 @@ from emberfl.core import (
     WorkerCrashedError,
     current_client,
 )
-from linux import proc_self
+from linux import default_sigint, proc_self
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -461,6 +461,7 @@ def _run_script(tmp_path: Path, interrupt: bool) -> tuple[subprocess.Popen[str],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     assert proc.stdout is not None
     pids = [int(x) for x in proc.stdout.readline().split()]
