@@ -28,12 +28,12 @@ import pytest
 import torch
 
 import faults_helpers as fh
-from linux import default_sigint
 from emberfl import store
 from emberfl.aggregate import NonFiniteError
 from emberfl.core import ClientError, ClientTimeoutError, WorkerCrashedError
 from emberfl.metrics import read_metrics
 from emberfl.simulation import Simulation, SimulationConfig, load_checkpoint
+from linux import default_sigint
 
 # Bitwise comparisons need one torch thread (see conftest.one_thread).
 pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_thread")]

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 __all__ = ["build_parser", "main"]
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
@@ -254,6 +255,15 @@ def _run_parser(sub: Any) -> argparse.ArgumentParser:
         help="same as --runtime thread",
     )
     add(g, "--device", default=d.device, help="torch device: cpu, cuda or cuda:N")
+    add(
+        g,
+        "--rank-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=d.rank_timeout,
+        help="under torchrun: how long a silent rank (dead, stopped, its node lost) is "
+        "waited for before every other rank stops with an error naming it",
+    )
     g.add_argument(
         "--no-progress",
         dest="progress",
@@ -286,6 +296,9 @@ def _resume_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="parallel clients (as for run)")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads per worker")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint interval")
+    p.add_argument(
+        "--rank-timeout", type=float, metavar="SECONDS", help="silent-rank timeout (as for run)"
+    )
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no per-round progress bar"
     )
@@ -394,7 +407,11 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from emberfl.simulation import Simulation
 
     started = time.perf_counter()
-    settings = {k: v for k, v in vars(args).items() if k in ("workers", "threads", "progress")}
+    settings = {
+        k: v
+        for k, v in vars(args).items()
+        if k in ("workers", "threads", "progress", "rank_timeout")
+    }
     if "checkpoint_every" in vars(args):
         settings["checkpoint_every"] = args.checkpoint_every
     settings.setdefault("progress", sys.stderr.isatty())
@@ -406,6 +423,17 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _execute(simulation: Any, args: argparse.Namespace, started: float) -> int:
+
+    from emberfl.core.errors import RankFailedError
+
+    try:
+        return _run_prepared(simulation, args, started)
+    except RankFailedError as exc:  # another rank of a torchrun job: one line naming it
+        print(f"emberfl: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _run_prepared(simulation: Any, args: argparse.Namespace, started: float) -> int:
     from emberfl.checkpoint import CheckpointError, RunDirLockedError
     from emberfl.config import ConfigError
     from emberfl.data import DatasetError
@@ -417,7 +445,11 @@ def _execute(simulation: Any, args: argparse.Namespace, started: float) -> int:
             simulation.prepare()
         except (ConfigError, DatasetError, CheckpointError, RunDirLockedError) as exc:
             # RunDirLockedError: another `emberfl run/resume` is writing the directory.
+            simulation.abort(f"{type(exc).__name__}: {exc}")
             return _fail(str(exc))
+        if simulation.following:  # under torchrun, rank 0 reports for every rank
+            simulation.run()
+            return 0
         start = (
             f"resuming from round {simulation.resumed_from}"
             if simulation.resumed_from is not None

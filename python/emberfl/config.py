@@ -67,6 +67,7 @@ RESUME_SETTINGS: tuple[str, ...] = (
     "batch_clients",
     "progress",
     "checkpoint_every",
+    "rank_timeout",
 )
 
 
@@ -102,6 +103,7 @@ class SimulationConfig:
     runtime: str = "process"
     batch_clients: int = 32
     device: str = "cpu"
+    rank_timeout: float = 10.0
     seed: int = 0
     mu: float = 0.01
     server_lr: float = 0.01
@@ -218,6 +220,7 @@ class SimulationConfig:
                 "per round; raise sample_ratio or clients"
             )
         _positive("lr", self.lr)
+        _positive("rank_timeout", self.rank_timeout)
         _positive("alpha", self.alpha)
         _positive("server_lr", self.server_lr)
         _positive("tau", self.tau)

@@ -32,7 +32,6 @@ control) and in the client state directory; the client streams are derived from
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -67,6 +66,7 @@ from emberfl.checkpoint import (
     restore_files,
     write_checkpoint,
 )
+from emberfl.cluster import Cluster
 from emberfl.config import (
     ALGORITHMS,
     CONFIG_FILE,
@@ -81,14 +81,14 @@ from emberfl.config import (
 )
 from emberfl.contrib import FedAvgBaseServerHandler, FedAvgUplinkPackage
 from emberfl.contrib.registry import algorithm_spec, make_client_trainer, make_server_handler
-from emberfl.data import Dataset, DatasetStore, Partition, StorePartitionedDataset, load_dataset
-from emberfl.data import dirichlet as dirichlet_partition
-from emberfl.data import iid as iid_partition
-from emberfl.data import quantity_skew as quantity_partition
-from emberfl.data import shards as shards_partition
+from emberfl.core.client_trainer import set_rounds_run
+from emberfl.core.distributed_trainer import DistributedClientTrainer
+from emberfl.core.packages import tensor_bytes
+from emberfl.data import Dataset, Partition, StorePartitionedDataset
 from emberfl.fileio import atomic_write_text
 from emberfl.metrics import METRICS_FILE, MetricsWriter, RoundMetrics
 from emberfl.models import ZooModelSelector
+from emberfl.run_data import load_run_data, write_store
 
 # Names defined in emberfl.config and emberfl.checkpoint are re-exported: they are the
 # documented Python interface of a run (emberfl.simulation.resume_simulation, ...).
@@ -134,61 +134,6 @@ class SimulationResult:
         return self.metrics[-1].loss if self.metrics else math.nan
 
 
-def _tensor_bytes(obj: Any, depth: int = 0) -> int:
-    """Bytes of tensor data in a package (dataclasses, dicts, lists and tuples)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if depth > 16:
-        return 0
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return sum(_tensor_bytes(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj))
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v, depth + 1) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(_tensor_bytes(v, depth + 1) for v in obj)
-    return 0
-
-
-def _partition(config: SimulationConfig, data: Dataset) -> Partition:
-    name = config.partition_name
-    labels = data.train_y
-    if name == "natural":
-        if data.partition is None:
-            raise ConfigError(f"dataset {config.dataset_key!r} has no built-in client split")
-        return data.partition
-    try:
-        if name == "iid":
-            return iid_partition(labels, config.clients, seed=config.seed)
-        if name == "dirichlet":
-            return dirichlet_partition(labels, config.clients, config.alpha, seed=config.seed)
-        if name == "shards":
-            return shards_partition(
-                labels, config.clients, config.shards_per_client, seed=config.seed
-            )
-        return quantity_partition(labels, config.clients, config.sigma, seed=config.seed)
-    except ValueError as exc:
-        raise ConfigError(f"cannot partition {config.dataset_key}: {exc}") from exc
-
-
-def write_store(
-    root: str | os.PathLike[str], data: Dataset, partition: Partition, *, overwrite: bool = False
-) -> StorePartitionedDataset:
-    """Write ``data`` (splits ``train`` and ``test``) and the clients' ``partition`` of its
-    training split to a dataset store at ``root``; returns the store as a
-    :class:`~emberfl.core.PartitionedDataset` whose samples come out normalised.
-    """
-    DatasetStore.create(
-        root,
-        {"train": (data.train_x, data.train_y), "test": (data.test_x, data.test_y)},
-        {"train": partition},
-        mean=data.mean,
-        std=data.std,
-        scale=1.0,  # a Dataset keeps mean/std in the units of the stored values
-        overwrite=overwrite,
-    )
-    return StorePartitionedDataset(root)
-
-
 class Simulation:
     """One run: :meth:`prepare` builds everything, :meth:`run_round` runs a round.
 
@@ -231,6 +176,9 @@ class Simulation:
         self._threads: int | None = None
         self._made_run_dir = False
         self._lock = RunDirLock(self.run_dir)
+        #: The torchrun job this process is a rank of (None: a one-process run).
+        self.cluster = Cluster.from_env()
+        self._following = False
 
     @classmethod
     def for_resume(cls, run_dir: str | os.PathLike[str], **settings: Any) -> Simulation:
@@ -241,11 +189,15 @@ class Simulation:
         """
         directory = Path(run_dir)
         path = directory / CONFIG_FILE
+        cluster = Cluster.from_env()
+        if cluster is not None and not cluster.is_server and not path.is_file():
+            # This node does not see the run directory: prepare() adopts rank 0's.
+            return cls(SimulationConfig.from_mapping(settings), directory, resume=True)
         if not path.is_file():
             raise CheckpointError(f"{directory} is not a run directory: it has no {CONFIG_FILE}")
         values = load_config_file(path)
-        values.pop("emberfl_version", None)
-        values.pop("out", None)
+        for key in ("emberfl_version", "out", "layout"):
+            values.pop(key, None)
         changed = sorted(k for k in settings if k.replace("-", "_") not in RESUME_SETTINGS)
         if changed:
             raise ConfigError(
@@ -258,51 +210,70 @@ class Simulation:
     # -- set-up ----------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Load and partition the data, write the store, build handler and trainer."""
-        if self.handler is not None:
+        """Load and partition the data, write the store, build handler and trainer.
+
+        Under torchrun every rank prepares; rank 0 alone builds the server handler and
+        writes the run directory, after every rank agreed on the configuration.
+        """
+        if self.handler is not None or self._following:
             return
-        config = self.config
-        self._take_run_dir()
-        if self.resume:
-            remove_leftovers(self.run_dir)
-        else:
-            for name in (MODEL_FILE, METRICS_FILE, LATEST_FILE):
-                if (self.run_dir / name).exists():
-                    raise ConfigError(
-                        f"{self.run_dir} already holds a run ({name}); choose another output "
-                        "directory, or resume it"
-                    )
+        config, cluster = self.config, self.cluster
+        server = cluster is None or cluster.is_server
+        if cluster is not None:
+            cluster.start(config.device, rank_timeout=config.rank_timeout, collective_timeout=600)
+            if config.clients_per_round < cluster.world_size:
+                raise ConfigError(
+                    f"{config.clients_per_round} clients per round cannot keep "
+                    f"{cluster.world_size} ranks busy: use fewer ranks or more clients per round"
+                )
+        if server:
+            self._take_run_dir()
+            if cluster is not None and cluster.restart and (self.run_dir / CONFIG_FILE).exists():
+                logger.info("restart %d of the job: resuming %s", cluster.restart, self.run_dir)
+                self.resume = True
+            if self.resume:
+                remove_leftovers(self.run_dir)
+            else:
+                for name in (MODEL_FILE, METRICS_FILE, LATEST_FILE):
+                    if (self.run_dir / name).exists():
+                        raise ConfigError(
+                            f"{self.run_dir} already holds a run ({name}); choose another "
+                            "output directory, or resume it"
+                        )
+        if cluster is not None:
+            self._agree(cluster)
+            config = self.config
         # The scratch directory (dataset store, round files) lives in the run directory,
         # so that whatever a killed run leaves behind is found and removed on resume.
-        self._work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=self.run_dir))
+        if server:
+            self._work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=self.run_dir))
+        else:
+            assert cluster is not None
+            self._work = cluster.scratch(self.run_dir)
         if config.runtime == "process" and config.workers > 0:
             # Built first so that its worker processes start (a fresh interpreter
             # importing torch takes seconds) while this process loads the data; the
             # model selector and the dataset, which only tasks read, are bound below.
             self.trainer = self._make_trainer(None, None)
-        data_options: dict[str, Any] = {}
-        if config.dataset_key == "synthetic":
-            data_options = {
-                "alpha": config.synthetic_alpha,
-                "beta": config.synthetic_beta,
-                "num_clients": config.clients,
-            }
-        data = load_dataset(config.dataset_key, config.data_dir, config.seed, **data_options)
-        partition = _partition(config, data)
-        if partition.num_clients != config.clients:
-            raise ConfigError(
-                f"the partition has {partition.num_clients} clients, expected {config.clients}"
-            )
+        data, partition = load_run_data(config)
         self.data, self.partition = data, partition
 
         dataset = write_store(self._work / "data", data, partition)
         selector = ZooModelSelector(tuple(data.in_shape), data.num_classes, config.seed)
-        self.handler = make_server_handler(config.algorithm, selector, dataset, config)
         if self.trainer is None:
             self.trainer = self._make_trainer(selector, dataset)
         else:
             self.trainer.model_selector = selector
             self.trainer.dataset = dataset
+        if cluster is not None:
+            sizes = [len(i) for i in partition.indices]
+            self.trainer = DistributedClientTrainer(
+                self.trainer, watch=cluster.watch, client_cost=lambda cid: sizes[cid]
+            )
+        if not server:
+            self._following = True
+            return
+        self.handler = make_server_handler(config.algorithm, selector, dataset, config)
         # Every worker folds its clients' uplinks into its own exact sums; this
         # process merges one per worker a round, however many clients it has.
         self.trainer.uplink_fold = self.handler.uplink_fold()
@@ -311,6 +282,17 @@ class Simulation:
         self._write_config()
         self._writer = MetricsWriter(self.run_dir, resume=self.resume)
         self._made_run_dir = False
+
+    def _agree(self, cluster: Cluster) -> None:
+        """Check the configuration against rank 0's (another rank resuming adopts it)."""
+        mine = None if self.resume and not cluster.is_server else self._config_record()
+        shared = algorithm_spec(self.config.algorithm).client_state_on_disk
+        agreed, self.run_dir = cluster.agree(mine, self.run_dir, shared_state=shared)
+        if not cluster.is_server:
+            values = {k: v for k, v in agreed.items() if k in SimulationConfig.field_names()}
+            for key in ("progress", *RESUME_SETTINGS):
+                values[key] = getattr(self.config, key)
+            self.config = SimulationConfig.from_mapping({**values, "out": str(self.run_dir)})
 
     def _take_run_dir(self) -> None:
         """Make the run directory if need be and lock it, before anything in it changes."""
@@ -347,15 +329,12 @@ class Simulation:
                 f"{checkpoint / SERVER_FILE} does not fit this run: {exc}"
             ) from exc
         round_ = self.handler.round
-        if "rounds_run" in dir(type(self.trainer)):
-            self.trainer.rounds_run = round_
-        else:
-            self.trainer.round = round_
+        set_rounds_run(self.trainer, round_)
         restore_files(self.run_dir, checkpoint)
         self.resumed_from = round_
         logger.info("resuming %s from round %d", self.run_dir, round_)
 
-    def _write_config(self) -> None:
+    def _config_record(self) -> dict[str, Any]:
         config = self.config
         resolved = config.to_dict()
         resolved.update(
@@ -363,6 +342,16 @@ class Simulation:
             partition=config.partition_name,
             out=str(self.run_dir),
             emberfl_version=__version__,
+        )
+        return resolved
+
+    def _write_config(self) -> None:
+        resolved = self._config_record()
+        workers = self.config.workers if self.config.runtime in ("process", "thread") else 0
+        resolved["layout"] = (
+            self.cluster.layout(workers)
+            if self.cluster is not None
+            else {"world_size": 1, "nodes": 1, "processes_per_node": 1, "workers_per_rank": workers}
         )
         text = json.dumps(resolved, indent=2, sort_keys=True) + "\n"
         atomic_write_text(self.run_dir / CONFIG_FILE, text, durable=True)
@@ -376,6 +365,10 @@ class Simulation:
         # other goes to the scratch directory.
         keeps_state = algorithm_spec(config.algorithm).client_state_on_disk
         state_dir = (self.run_dir if keeps_state else self._work) / STATE_DIR
+        if self.cluster is not None:  # one GPU per rank
+            config = SimulationConfig.from_mapping(
+                {"device": self.cluster.device(config.device)}, config
+            )
         return make_client_trainer(
             config.algorithm,
             config.runtime,
@@ -402,6 +395,12 @@ class Simulation:
             self._threads = None
 
     @property
+    def following(self) -> bool:
+        """True on a rank other than 0 of a torchrun job, once prepared: it trains its
+        share of rank 0's rounds (:meth:`run`) and writes nothing."""
+        return self._following
+
+    @property
     def round(self) -> int:
         """Rounds completed so far."""
         return 0 if self.handler is None else self.handler.round
@@ -419,8 +418,8 @@ class Simulation:
         payload = handler.downlink_package()
         trainer.local_process(payload, cids)
         uplinks: list[FedAvgUplinkPackage] = trainer.uplink_package()
-        bytes_down = _tensor_bytes(payload) * len(cids)
-        bytes_up = sum(_tensor_bytes(p) for p in uplinks)
+        bytes_down = tensor_bytes(payload) * len(cids)
+        bytes_up = sum(tensor_bytes(p) for p in uplinks)
         seconds = [(p.metadata or {}).get("train_seconds", math.nan) for p in uplinks]
         losses = [((p.metadata or {}).get("loss", math.nan), p.data_size) for p in uplinks]
         for package in uplinks:
@@ -508,6 +507,11 @@ class Simulation:
         """Run every round, write the final model; ``on_round`` sees each evaluated round."""
         start = time.perf_counter()
         result = SimulationResult(run_dir=self.run_dir)
+        self.prepare()
+        if self._following:  # another rank than 0: train its share of rank 0's rounds
+            self.trainer.follow()
+            result.seconds = time.perf_counter() - start
+            return result
         for metrics in self.rounds():
             result.metrics.append(metrics)
             if on_round is not None:
@@ -528,6 +532,8 @@ class Simulation:
             if callable(close):
                 close()
         finally:
+            if self.cluster is not None:
+                self.cluster.close()
             self._restore_threads()
             if self._writer is not None:
                 self._writer.close()
@@ -551,7 +557,18 @@ class Simulation:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is not None:
+            self.abort(f"{type(exc).__name__}: {exc}")
         self.close()
+
+    def abort(self, reason: str) -> None:
+        """Under torchrun: tell the other ranks that this one failed (``reason``); they
+        stop at once with an error naming it, instead of being released by close()."""
+        abort = getattr(self.trainer, "abort", None)
+        if callable(abort):
+            abort(reason)
+        elif self.cluster is not None and self.cluster.watch is not None:
+            self.cluster.watch.fail(reason)
 
 
 def run_simulation(

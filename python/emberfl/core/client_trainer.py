@@ -153,6 +153,16 @@ def _set_rounds_run(trainer: object, value: int) -> None:
     setattr(trainer, _ROUND_ATTR, check_seed(value, what="rounds_run"))
 
 
+def set_rounds_run(trainer: object, value: int) -> None:
+    """Set any trainer's round counter: the ``rounds_run`` property of the pools (and of
+    any trainer that has one), else the ``round`` attribute of the serial and batched
+    trainers; the next ``local_process`` runs round ``value``."""
+    if isinstance(getattr(type(trainer), "rounds_run", None), property):
+        trainer.rounds_run = value  # type: ignore[attr-defined]
+    else:
+        trainer.round = value  # type: ignore[attr-defined]
+
+
 class _RoundCounter(Protocol):
     """The round counter both pools keep (it feeds the per-client random streams)."""
 

@@ -8,8 +8,10 @@ The building blocks of a multi-rank round, each a collective every rank calls:
 * :func:`broadcast_package` -- the global model (any package) from one rank to all, as
   one flat buffer per dtype plus a small skeleton: no tensor is pickled;
 * :func:`combine_sums` -- every rank's folded :class:`~emberfl.streaming.StreamingSum`
-  into the same total on every rank: one all-gather of each term's exact bytes, traffic
-  O(ranks x model) whatever the number of clients, and the same bits for any world size.
+  into one total (on one rank, or on all): one gather of each term's exact bytes,
+  traffic O(ranks x model) whatever the number of clients, and the same bits for any
+  world size;
+* :func:`gather_bytes` -- small per-rank results (the clients' stand-ins) to one rank.
 
 Ranks must run on a trusted private network: torch.distributed's store and gloo have no
 authentication, and package skeletons are pickles (only ever those of this job's ranks).
@@ -26,11 +28,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from emberfl.aggregate import ExactSum
 from emberfl.core.packages import join_package, split_package
 from emberfl.streaming import StreamingSum
 
-__all__ = ["assign_clients", "broadcast_package", "combine_sums"]
+__all__ = ["assign_clients", "broadcast_package", "combine_sums", "gather_bytes"]
 
 
 def assign_clients(
@@ -120,15 +121,19 @@ def broadcast_package(package: Any, src: int = 0, group: Any = None) -> Any:
     return join_package(skeleton, received)
 
 
-def combine_sums(sums: StreamingSum, group: Any = None) -> StreamingSum:
-    """Every rank's ``sums`` added up, on every rank.
+def combine_sums(
+    sums: StreamingSum, group: Any = None, dst: int | None = None
+) -> StreamingSum | None:
+    """Every rank's ``sums`` added up: on rank ``dst`` (the others get ``None``), or on
+    every rank when ``dst`` is ``None``.
 
-    One all-gather per term of the exact sums' bytes, merged in rank order (any order
-    gives the same bits): O(ranks x model) on the wire, whatever the number of clients.
-    Ranks that folded something must hold the same terms and lengths; a rank that
-    folded nothing takes part with an empty sum. The result's ``count`` is the total.
+    One gather (or all-gather) per term of the exact sums' bytes, merged in rank order
+    (any order gives the same bits): O(ranks x model) on the wire, whatever the number
+    of clients. Ranks that folded something must hold the same terms and lengths; a
+    rank that folded nothing sends zeros of the same length, which are left out. The
+    result's ``count`` is the total.
     """
-    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
     dev = _device(group)
     counts = _all_gather(torch.tensor([sums.count], dtype=torch.int64, device=dev), group)
     names = _names_from_any_rank(sums, group)
@@ -140,17 +145,47 @@ def combine_sums(sums: StreamingSum, group: Any = None) -> StreamingSum:
         length = max(sizes)
         if any(s not in (0, length) for s in sizes):
             raise ValueError(f"ranks hold sums of term {name!r} of different sizes: {sizes}")
-        data = mine[name] if name in mine else ExactSum((length - 48) // 16).to_array()
-        parts = _all_gather(torch.from_numpy(data).to(dev), group)
-        for part in parts[:world]:
-            total.merge_term_bytes(name, part.cpu(), where="combine_sums")
+        data = (
+            torch.from_numpy(mine[name]).to(dev)
+            if name in mine
+            else torch.zeros(length, dtype=torch.uint8, device=dev)
+        )
+        parts = _all_gather(data, group) if dst is None else _gather(data, dst, group)
+        for sent, part in zip(sizes, parts, strict=False):  # no parts off ``dst``
+            if sent:
+                total.merge_term_bytes(name, part.cpu(), where="combine_sums")
+    if dst is not None and rank != dst:
+        return None
     total.count = int(sum(int(c) for c in counts))
     return total
+
+
+def gather_bytes(data: bytes, dst: int = 0, group: Any = None) -> list[bytes] | None:
+    """Every rank's ``data``, in rank order, on rank ``dst`` (the others get ``None``)."""
+    dev = _device(group)
+    sizes = [int(s) for s in _all_gather(torch.tensor([len(data)], device=dev), group)]
+    buf = torch.zeros(max(sizes), dtype=torch.uint8, device=dev)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    parts = _gather(buf, dst, group)
+    if dist.get_rank(group) != dst:
+        return None
+    return [p[:n].cpu().numpy().tobytes() for p, n in zip(parts, sizes, strict=True)]
 
 
 def _all_gather(t: torch.Tensor, group: Any) -> list[torch.Tensor]:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t, group=group)
+    return parts
+
+
+def _gather(t: torch.Tensor, dst: int, group: Any) -> list[torch.Tensor]:
+    """``t`` of every rank on ``dst``; the other ranks get an empty list."""
+    if dist.get_rank(group) != dst:
+        dist.gather(t, None, dst=dst, group=group)
+        return []
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.gather(t, parts, dst=dst, group=group)
     return parts
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ClientError", "ClientTimeoutError", "WorkerCrashedError"]
+__all__ = ["ClientError", "ClientTimeoutError", "RankFailedError", "WorkerCrashedError"]
 
 
 class ClientError(RuntimeError):
@@ -43,6 +43,21 @@ class WorkerCrashedError(RuntimeError):
 
     def __reduce__(self) -> tuple[type[WorkerCrashedError], tuple[int, int | None]]:
         return (type(self), (self.cid, self.exitcode))
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of a multi-rank job failed, died or went silent; ``rank`` names it
+    (``None`` when the job's store itself is gone) and ``step`` says where this rank was."""
+
+    def __init__(self, rank: int | None, reason: str, step: str) -> None:
+        self.rank = rank
+        self.reason = reason
+        self.step = step
+        what = reason if rank is None else f"rank {rank} {reason}"
+        super().__init__(f"{what}; this rank stopped while {step}")
+
+    def __reduce__(self) -> tuple[type[RankFailedError], tuple[int | None, str, str]]:
+        return (type(self), (self.rank, self.reason, self.step))
 
 
 def _describe_exit(exitcode: int | None) -> str:

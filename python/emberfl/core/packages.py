@@ -15,6 +15,7 @@ tensors that view the mapping: nothing is copied on the CPU. Parameters come bac
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import os
 import pickle
@@ -185,6 +186,21 @@ def split_package(obj: object) -> tuple[bytes, dict[str, torch.Tensor | np.ndarr
 def join_package(skeleton: bytes, tensors: Mapping[str, torch.Tensor]) -> Any:
     """Rebuild the object that :func:`split_package` split, from its parts."""
     return _JoinUnpickler(skeleton, tensors).load()
+
+
+def tensor_bytes(obj: Any, depth: int = 0) -> int:
+    """Bytes of tensor data in a package (dataclasses, dicts, lists and tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if depth > 16:
+        return 0
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(tensor_bytes(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj))
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, depth + 1) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v, depth + 1) for v in obj)
+    return 0
 
 
 def save_package(path: PathLike, obj: object, *, stage: Stage | None = None) -> int:
