@@ -21,9 +21,10 @@ from emberfl.contrib import (
     FedAvgBaseClientTrainer,
     FedAvgBaseServerHandler,
     FedAvgBatchedClientTrainer,
+    FedAvgClientUpdate,
     FedProxBaseClientTrainer,
     FedProxBatchedClientTrainer,
-    ScaffoldClientUpdate,
+    LocalRun,
     make_client_trainer,
 )
 from emberfl.contrib.fedavg.batched import check_batchable
@@ -148,6 +149,13 @@ class _Dropout(nn.Module):
         return out
 
 
+class _PerClientOnly(FedAvgClientUpdate):
+    """A client step with a hook of its own: the batched runtime cannot run it."""
+
+    def begin(self, run: LocalRun) -> None:
+        run.extra["seen"] = True
+
+
 def test_models_and_steps_that_cannot_be_batched_are_refused(digits: Any) -> None:
     x, y = torch.zeros(1, 8, 8), torch.tensor(3)
     with pytest.raises(ValueError, match=r"module 'body\.2' \(BatchNorm1d\) updates running"):
@@ -156,10 +164,10 @@ def test_models_and_steps_that_cannot_be_batched_are_refused(digits: Any) -> Non
         check_batchable(_Dropout(), x, y)
     check_batchable(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), x, y)
     dataset, selector = digits
-    with pytest.raises(ValueError, match="FedAvg's and FedProx's client steps only"):
+    with pytest.raises(ValueError, match="FedAvg's, FedProx's and SCAFFOLD's client steps only"):
         FedAvgBatchedClientTrainer(
             selector, "mlp", dataset, "cpu", CLIENTS, 1, 10, 0.1, 7,
-            client_update=ScaffoldClientUpdate(),
+            client_update=_PerClientOnly(),
         )  # fmt: skip
     with pytest.raises(ValueError, match="batch_clients"):
         FedAvgBatchedClientTrainer(
