@@ -237,8 +237,8 @@ def _run_parser(sub: Any) -> argparse.ArgumentParser:
         choices=RUNTIMES,
         default=d.runtime,
         help="where clients run: worker processes, threads, serially in this process, or "
-        "batched (groups of --batch-clients clients trained as one model; FedAvg, FedProx "
-        "and FedOpt, models without BatchNorm)",
+        "batched (groups of --batch-clients clients trained as one model; FedAvg, FedProx, "
+        "SCAFFOLD and FedOpt, models without BatchNorm)",
     )
     add(
         g,

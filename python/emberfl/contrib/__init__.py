@@ -5,14 +5,16 @@
 * SCAFFOLD (Karimireddy et al. 2020): :mod:`emberfl.contrib.scaffold`
 * FedAdam, FedYogi, FedAdagrad (Reddi et al. 2021): :mod:`emberfl.contrib.fedopt`
 
-Every algorithm has a server handler and serial, process-pool and thread-pool client
-trainers; FedOpt's clients are FedAvg's. Code written against ``blazefl.contrib``
+Every algorithm has a server handler and serial, process-pool, thread-pool and batched
+client trainers; FedOpt's clients are FedAvg's. Code written against ``blazefl.contrib``
 runs after changing the import to ``emberfl.contrib``. :mod:`emberfl.contrib.registry`
 names them for ``emberfl run`` and says how to build each one.
 """
 
 from emberfl.contrib.client_state import ClientStateStore
 from emberfl.contrib.fedavg import (
+    BatchedClientStep,
+    BatchedGroup,
     FedAvgBaseClientTrainer,
     FedAvgBaseServerHandler,
     FedAvgBatchedClientTrainer,
@@ -55,6 +57,7 @@ from emberfl.contrib.registry import (
 )
 from emberfl.contrib.scaffold import (
     ScaffoldBaseClientTrainer,
+    ScaffoldBatchedClientTrainer,
     ScaffoldClientUpdate,
     ScaffoldDownlinkPackage,
     ScaffoldProcessPoolClientTrainer,
@@ -69,6 +72,8 @@ __all__ = [
     "ALGORITHM_SPECS",
     "AlgorithmSettings",
     "AlgorithmSpec",
+    "BatchedClientStep",
+    "BatchedGroup",
     "ClientStateStore",
     "FedAdagradServerHandler",
     "FedAdamServerHandler",
@@ -97,6 +102,7 @@ __all__ = [
     "NonFinitePolicy",
     "ParameterLayout",
     "ScaffoldBaseClientTrainer",
+    "ScaffoldBatchedClientTrainer",
     "ScaffoldClientUpdate",
     "ScaffoldDownlinkPackage",
     "ScaffoldProcessPoolClientTrainer",

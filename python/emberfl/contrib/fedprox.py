@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from emberfl.contrib.fedavg import (
+    BatchedClientStep,
+    BatchedGroup,
     FedAvgBaseClientTrainer,
     FedAvgBaseServerHandler,
     FedAvgBatchedClientTrainer,
@@ -33,6 +35,7 @@ __all__ = [
     "FedProxClientUpdate",
     "FedProxProcessPoolClientTrainer",
     "FedProxThreadPoolClientTrainer",
+    "ProximalBatchedStep",
 ]
 
 
@@ -48,8 +51,11 @@ class FedProxClientUpdate(FedAvgClientUpdate):
     def __init__(self, mu: float) -> None:
         self.mu = _check_mu(mu)
 
-    def batched_proximal_mu(self) -> float | None:
-        return self.mu if type(self) is FedProxClientUpdate else None
+    def batched_step(self) -> BatchedClientStep | None:
+        if type(self) is not FedProxClientUpdate:
+            return None
+        # mu = 0 is FedAvg's step, bit for bit, as in the per-client runtimes.
+        return ProximalBatchedStep(self.mu) if self.mu else BatchedClientStep()
 
     def begin(self, run: LocalRun) -> None:
         run.extra["prox"] = [
@@ -70,6 +76,29 @@ class FedProxClientUpdate(FedAvgClientUpdate):
 
     def __repr__(self) -> str:
         return f"FedProxClientUpdate(mu={self.mu})"
+
+
+class ProximalBatchedStep(BatchedClientStep):
+    """FedProx's step in the batched runtime: ``mu * (w - w_global)`` added to the
+    gradient of every client that takes the step."""
+
+    def __init__(self, mu: float) -> None:
+        self.mu = _check_mu(mu)
+
+    def begin(self, group: BatchedGroup) -> None:
+        # Every row holds the global model now: one anchor serves the whole group.
+        group.extra["anchor"] = {n: p[0].clone() for n, p in group.params.items()}
+
+    def correct_(
+        self, group: BatchedGroup, grads: dict[str, torch.Tensor], active: torch.Tensor
+    ) -> None:
+        anchor: dict[str, torch.Tensor] = group.extra["anchor"]
+        for name, p in group.params.items():
+            shape = (-1, *([1] * (p.dim() - 1)))
+            grads[name].add_((p - anchor[name]) * active.view(shape), alpha=self.mu)
+
+    def __repr__(self) -> str:
+        return f"ProximalBatchedStep(mu={self.mu})"
 
 
 class FedProxBaseServerHandler(FedAvgBaseServerHandler):
@@ -105,3 +134,4 @@ class FedProxBatchedClientTrainer(FedAvgBatchedClientTrainer):
 
     def __init__(self, *args: Any, mu: float, **kwargs: Any) -> None:
         super().__init__(*args, client_update=FedProxClientUpdate(mu), **kwargs)
+        self.mu = float(mu)

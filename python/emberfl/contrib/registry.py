@@ -44,6 +44,7 @@ from emberfl.contrib.fedprox import (
 )
 from emberfl.contrib.scaffold import (
     ScaffoldBaseClientTrainer,
+    ScaffoldBatchedClientTrainer,
     ScaffoldProcessPoolClientTrainer,
     ScaffoldServerHandler,
     ScaffoldThreadPoolClientTrainer,
@@ -63,7 +64,7 @@ __all__ = [
 ]
 
 #: Where the clients of a round run: worker processes, threads, serially, or in batched
-#: groups of clients trained as one model (FedAvg's and FedProx's client steps).
+#: groups of clients trained as one model (FedAvg's, FedProx's and SCAFFOLD's client steps).
 RUNTIMES: tuple[str, ...] = ("process", "thread", "serial", "batched")
 
 
@@ -237,6 +238,7 @@ _SPECS: tuple[AlgorithmSpec, ...] = (
             ScaffoldProcessPoolClientTrainer,
             ScaffoldThreadPoolClientTrainer,
             ScaffoldBaseClientTrainer,
+            ScaffoldBatchedClientTrainer,
         ),
         client_state_on_disk=True,
     ),

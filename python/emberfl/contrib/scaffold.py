@@ -17,8 +17,11 @@ Client controls are never held in memory between rounds: each lives in
 mapped only while its client runs and replaced atomically, so a federation of
 10,000 clients costs disk, not RAM. A client without a file starts from ``c_i = 0``.
 
-The trainers take FedAvg's arguments; the serial and thread-pool ones also need the
-keyword ``state_dir``.
+The trainers take FedAvg's arguments; the serial, thread-pool and batched ones also
+need the keyword ``state_dir``. The batched trainer stacks the ``c_i`` of a group of
+clients (``[k, num_params]``) next to their stacked weights and adds ``c - c_i`` to
+each client's gradient at every step it takes; a padded step neither moves a client
+nor counts in its ``K``.
 """
 
 from __future__ import annotations
@@ -30,9 +33,13 @@ from typing import Any
 
 import torch
 
+from emberfl.contrib.client_state import ClientStateStore
 from emberfl.contrib.fedavg import (
+    BatchedClientStep,
+    BatchedGroup,
     FedAvgBaseClientTrainer,
     FedAvgBaseServerHandler,
+    FedAvgBatchedClientTrainer,
     FedAvgClientUpdate,
     FedAvgDownlinkPackage,
     FedAvgProcessPoolClientTrainer,
@@ -46,6 +53,8 @@ from emberfl.core import FoldTerm, deserialize_model, serialize_model
 __all__ = [
     "CONTROL_KEY",
     "ScaffoldBaseClientTrainer",
+    "ScaffoldBatchedClientTrainer",
+    "ScaffoldBatchedStep",
     "ScaffoldClientUpdate",
     "ScaffoldDownlinkPackage",
     "ScaffoldProcessPoolClientTrainer",
@@ -76,37 +85,11 @@ class ScaffoldClientUpdate(FedAvgClientUpdate):
     """FedAvg's client step with SCAFFOLD's gradient correction and control update."""
 
     def begin(self, run: LocalRun) -> None:
-        if run.state is None:
-            raise ValueError(
-                "SCAFFOLD keeps each client's control variate on disk: give the trainer a state_dir"
-            )
-        payload = run.payload
-        if not isinstance(payload, ScaffoldDownlinkPackage):
-            raise TypeError(
-                f"SCAFFOLD clients need a ScaffoldDownlinkPackage, got {type(payload).__name__}"
-            )
+        state = _need_state(run.state)
+        payload = _scaffold_payload(run.payload)
         layout = ParameterLayout.of(run.model)
-        server_control = payload.control.to("cpu", torch.float32)
-        if server_control.shape != (layout.num_params,):
-            raise ValueError(
-                f"the server control has shape {tuple(server_control.shape)}, the model "
-                f"has {layout.num_params} trainable values"
-            )
-        stored = run.state.load(run.cid)
-        if stored is None:
-            client_control = torch.zeros(layout.num_params, dtype=torch.float32)
-        else:
-            try:
-                client_control = stored[CONTROL_KEY]
-            except KeyError:
-                raise ValueError(
-                    f"{run.state.path(run.cid)} holds no {CONTROL_KEY!r} tensor"
-                ) from None
-            if client_control.shape != (layout.num_params,):
-                raise ValueError(
-                    f"{run.state.path(run.cid)}: control of shape "
-                    f"{tuple(client_control.shape)}, expected ({layout.num_params},)"
-                )
+        server_control = _server_control(payload, layout)
+        client_control = _client_control(state, run.cid, layout)
         correction = (server_control - client_control).to(run.device)
         params = layout.parameters(run.model)
         run.extra.update(
@@ -135,25 +118,163 @@ class ScaffoldClientUpdate(FedAvgClientUpdate):
         self, run: LocalRun, package: FedAvgUplinkPackage, steps: int
     ) -> FedAvgUplinkPackage:
         assert run.state is not None
-        layout: ParameterLayout = run.extra["layout"]
-        c: torch.Tensor = run.extra["server_control"]
-        c_i: torch.Tensor = run.extra["client_control"]
-        x: torch.Tensor = run.extra["start"]
-        if steps > 0:
-            y = layout.gather(package.model_parameters)
-            new_control = (c_i - c) + (x - y) / (steps * run.lr)
-        else:
-            # No step taken (no data, or stopped): nothing was learnt about the drift.
-            new_control = c_i.clone()
-        delta = new_control - c_i
-        run.state.save(run.cid, {CONTROL_KEY: new_control})
-        return ScaffoldUplinkPackage(
-            cid=package.cid,
-            model_parameters=package.model_parameters,
-            data_size=package.data_size,
-            metadata=package.metadata,
-            control_delta=delta,
+        return _control_update(
+            run.state,
+            package,
+            steps,
+            run.lr,
+            layout=run.extra["layout"],
+            server_control=run.extra["server_control"],
+            client_control=run.extra["client_control"],
+            start=run.extra["start"],
         )
+
+    def batched_step(self) -> BatchedClientStep | None:
+        return ScaffoldBatchedStep() if type(self) is ScaffoldClientUpdate else None
+
+
+class ScaffoldBatchedStep(BatchedClientStep):
+    """SCAFFOLD's step in the batched runtime: the group's client controls stacked.
+
+    ``begin`` loads each client's ``c_i`` as :class:`ScaffoldClientUpdate` does
+    (zeros without a file) and stacks the corrections ``c - c_i`` per parameter
+    (``[k, *shape]``); ``correct_`` adds them to the gradients of the clients that
+    take the step; ``finish`` updates and stores ``c_i`` exactly as the per-client
+    step does, with ``K_i`` the client's real (unpadded) steps.
+    """
+
+    def begin(self, group: BatchedGroup) -> None:
+        state = _need_state(group.state)
+        if len(set(group.cids)) != len(group.cids):
+            raise ValueError(
+                f"SCAFFOLD clients of one batched group must differ (each reads and writes "
+                f"its control file once), got {group.cids}"
+            )
+        payload = _scaffold_payload(group.payload)
+        layout = ParameterLayout.of(group.model)
+        if set(layout.names) != set(group.params) or len(layout.names) != len(group.params):
+            raise ValueError(
+                f"the model's trainable parameters {sorted(group.params)} do not match its "
+                f"state dict's {list(layout.names)} (shared parameters?): SCAFFOLD cannot be "
+                "batched on it"
+            )
+        server_control = _server_control(payload, layout)
+        client_controls = torch.stack(
+            [_client_control(state, cid, layout).to(torch.float32) for cid in group.cids]
+        )
+        correction = (server_control - client_controls).to(group.device)
+        sizes = [stop - start for start, stop in layout.spans]
+        k = len(group.cids)
+        corrections = {
+            name: part.reshape(k, *group.params[name].shape[1:])
+            for name, part in zip(layout.names, torch.split(correction, sizes, dim=1), strict=True)
+        }
+        group.extra.update(
+            layout=layout,
+            server_control=server_control,
+            client_controls=client_controls,
+            start=layout.gather(payload.model_parameters.to("cpu", torch.float32)),
+            corrections=corrections,
+        )
+
+    def correct_(
+        self, group: BatchedGroup, grads: dict[str, torch.Tensor], active: torch.Tensor
+    ) -> None:
+        corrections: dict[str, torch.Tensor] = group.extra["corrections"]
+        for name, g in grads.items():
+            shape = (-1, *([1] * (g.dim() - 1)))
+            g.add_(corrections[name] * active.view(shape))
+
+    def finish(
+        self, group: BatchedGroup, index: int, package: FedAvgUplinkPackage, steps: int
+    ) -> FedAvgUplinkPackage:
+        assert group.state is not None
+        client_controls: torch.Tensor = group.extra["client_controls"]
+        return _control_update(
+            group.state,
+            package,
+            steps,
+            group.lr,
+            layout=group.extra["layout"],
+            server_control=group.extra["server_control"],
+            client_control=client_controls[index],
+            start=group.extra["start"],
+        )
+
+
+def _need_state(state: ClientStateStore | None) -> ClientStateStore:
+    if state is None:
+        raise ValueError(
+            "SCAFFOLD keeps each client's control variate on disk: give the trainer a state_dir"
+        )
+    return state
+
+
+def _scaffold_payload(payload: FedAvgDownlinkPackage) -> ScaffoldDownlinkPackage:
+    if not isinstance(payload, ScaffoldDownlinkPackage):
+        raise TypeError(
+            f"SCAFFOLD clients need a ScaffoldDownlinkPackage, got {type(payload).__name__}"
+        )
+    return payload
+
+
+def _server_control(payload: ScaffoldDownlinkPackage, layout: ParameterLayout) -> torch.Tensor:
+    """The server control ``c`` of ``payload`` (float32, on the CPU), checked."""
+    server_control = payload.control.to("cpu", torch.float32)
+    if server_control.shape != (layout.num_params,):
+        raise ValueError(
+            f"the server control has shape {tuple(server_control.shape)}, the model "
+            f"has {layout.num_params} trainable values"
+        )
+    return server_control
+
+
+def _client_control(state: ClientStateStore, cid: int, layout: ParameterLayout) -> torch.Tensor:
+    """Client ``cid``'s control ``c_i`` from its state file; zeros without one."""
+    stored = state.load(cid)
+    if stored is None:
+        return torch.zeros(layout.num_params, dtype=torch.float32)
+    try:
+        client_control = stored[CONTROL_KEY]
+    except KeyError:
+        raise ValueError(f"{state.path(cid)} holds no {CONTROL_KEY!r} tensor") from None
+    if client_control.shape != (layout.num_params,):
+        raise ValueError(
+            f"{state.path(cid)}: control of shape "
+            f"{tuple(client_control.shape)}, expected ({layout.num_params},)"
+        )
+    return client_control
+
+
+def _control_update(
+    state: ClientStateStore,
+    package: FedAvgUplinkPackage,
+    steps: int,
+    lr: float,
+    *,
+    layout: ParameterLayout,
+    server_control: torch.Tensor,
+    client_control: torch.Tensor,
+    start: torch.Tensor,
+) -> ScaffoldUplinkPackage:
+    """Store the client's new control ``c_i+ = c_i - c + (x - y) / (K * lr)`` and
+    return ``package`` with ``control_delta = c_i+ - c_i``."""
+    c, c_i, x = server_control, client_control, start
+    if steps > 0:
+        y = layout.gather(package.model_parameters)
+        new_control = (c_i - c) + (x - y) / (steps * lr)
+    else:
+        # No step taken (no data, or stopped): nothing was learnt about the drift.
+        new_control = c_i.clone()
+    delta = new_control - c_i
+    state.save(package.cid, {CONTROL_KEY: new_control})
+    return ScaffoldUplinkPackage(
+        cid=package.cid,
+        model_parameters=package.model_parameters,
+        data_size=package.data_size,
+        metadata=package.metadata,
+        control_delta=delta,
+    )
 
 
 class ScaffoldServerHandler(FedAvgBaseServerHandler):
@@ -233,6 +354,15 @@ class ScaffoldProcessPoolClientTrainer(FedAvgProcessPoolClientTrainer):
 class ScaffoldThreadPoolClientTrainer(FedAvgThreadPoolClientTrainer):
     """SCAFFOLD clients in worker threads: FedAvg's arguments; the keyword ``state_dir``
     is required."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _need_state_dir(kwargs, type(self).__name__)
+        super().__init__(*args, client_update=ScaffoldClientUpdate(), **kwargs)
+
+
+class ScaffoldBatchedClientTrainer(FedAvgBatchedClientTrainer):
+    """SCAFFOLD clients trained in batched groups (:class:`ScaffoldBatchedStep`):
+    FedAvg's arguments plus ``batch_clients``; the keyword ``state_dir`` is required."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _need_state_dir(kwargs, type(self).__name__)

@@ -9,7 +9,9 @@ The pieces, each an extension point for the other algorithms of this package:
 * the client update (:mod:`~emberfl.contrib.fedavg.update`) -- :class:`FedAvgClientUpdate`,
   what one client does in a round. FedProx and SCAFFOLD subclass it through three
   hooks (``begin``, ``after_backward``, ``finish``); it is stateless, so one object
-  serves every thread and pickles into worker processes;
+  serves every thread and pickles into worker processes. Its ``batched_step`` is
+  the same step for the batched runtime (a :class:`BatchedClientStep`, whose hooks
+  see a group of stacked clients);
 * the server (:mod:`~emberfl.contrib.fedavg.server`) -- :class:`FedAvgBaseServerHandler`:
   sampling, aggregation (in an :class:`~emberfl.streaming.StreamingSum`, as a list or
   uplink by uplink while the round runs, bitwise the same) and evaluation;
@@ -36,9 +38,16 @@ from emberfl.contrib.fedavg.trainers import (
     FedAvgProcessPoolClientTrainer,
     FedAvgThreadPoolClientTrainer,
 )
-from emberfl.contrib.fedavg.update import FedAvgClientUpdate, LocalRun
+from emberfl.contrib.fedavg.update import (
+    BatchedClientStep,
+    BatchedGroup,
+    FedAvgClientUpdate,
+    LocalRun,
+)
 
 __all__ = [
+    "BatchedClientStep",
+    "BatchedGroup",
     "FedAvgBaseClientTrainer",
     "FedAvgBaseServerHandler",
     "FedAvgBatchedClientTrainer",

@@ -10,12 +10,15 @@ comes from its own ``(seed, cid, round)`` generator, epoch after epoch. Clients 
 less data are padded: at step ``s`` a client's batch is padded to the group's batch
 size with masked samples, so its loss is the mean over its real samples (a partial
 last batch gives the unpadded gradient), and a client with no step ``s`` left does
-not move (``torch.where`` keeps its weights and, for FedProx, ignores the proximal
-gradient). Results agree with the per-client path within float tolerance, not
+not move (its gradients are zero, and whatever the client step adds to them is masked)
+nor count the step. Results agree with the per-client path within float tolerance, not
 bitwise: the batched GEMMs sum in another order.
 
-Supported: FedAvg's client step and FedProx's (``mu * (w - w_global)`` added to each
-gradient), so FedAvg, FedProx and the FedOpt servers. Models whose training writes
+Supported: the client steps whose :meth:`FedAvgClientUpdate.batched_step` gives a
+:class:`~emberfl.contrib.fedavg.update.BatchedClientStep` -- FedAvg's, FedProx's
+(``mu * (w - w_global)`` added to each gradient) and SCAFFOLD's (``c - c_i`` added,
+with ``c_i`` stacked per client), so FedAvg, FedProx, SCAFFOLD and the FedOpt
+servers. Models whose training writes
 buffers (BatchNorm's running statistics), draws random numbers (dropout) or branches
 on data cannot be batched: the trainer tries one batched step when it is built and
 raises ``ValueError`` naming the reason before any round runs.
@@ -41,7 +44,7 @@ from emberfl.contrib.fedavg.packages import (
 )
 from emberfl.contrib.fedavg.settings import FedAvgTrainerSettings, SettingsAttributes
 from emberfl.contrib.fedavg.trainers import as_payload, client_loader, client_round
-from emberfl.contrib.fedavg.update import FedAvgClientUpdate
+from emberfl.contrib.fedavg.update import BatchedClientStep, BatchedGroup, FedAvgClientUpdate
 from emberfl.core import (
     BaseClientTrainer,
     ModelSelector,
@@ -60,16 +63,16 @@ DEFAULT_BATCH_CLIENTS = 32
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def _prox_mu(update: FedAvgClientUpdate) -> float:
-    """The proximal coefficient of a client step the batched runtime can run."""
-    mu = update.batched_proximal_mu()
-    if mu is None:
+def _batched_step(update: FedAvgClientUpdate) -> BatchedClientStep:
+    """The batched form of a client step, or ``ValueError`` when it has none."""
+    step = update.batched_step()
+    if step is None:
         raise ValueError(
-            f"the batched runtime trains FedAvg's and FedProx's client steps only, not "
-            f"{type(update).__name__} (its hooks run per client): use the process, thread or "
-            "serial runtime"
+            f"the batched runtime trains FedAvg's, FedProx's and SCAFFOLD's client steps "
+            f"only, not {type(update).__name__} (its hooks run per client): use the process, "
+            "thread or serial runtime"
         )
-    return mu
+    return step
 
 
 def check_batchable(model: nn.Module, sample: torch.Tensor, target: torch.Tensor) -> None:
@@ -133,8 +136,8 @@ class FedAvgBatchedClientTrainer(
     """Trains a round's clients ``batch_clients`` at a time as one batched model.
 
     BlazeFL's serial-trainer arguments, plus the keywords ``batch_clients`` (clients
-    per group, default 32; memory grows with it), ``client_update`` (FedAvg's or
-    FedProx's step), ``state_dir`` and ``progress``. Uplinks reach ``cache`` (or the
+    per group, default 32; memory grows with it), ``client_update`` (FedAvg's,
+    FedProx's or SCAFFOLD's step), ``state_dir`` and ``progress``. Uplinks reach ``cache`` (or the
     trainer's ``uplink_fold``) in the order of ``cid_list``.
     """
 
@@ -172,7 +175,8 @@ class FedAvgBatchedClientTrainer(
         self.batch_clients = check_positive_int(
             DEFAULT_BATCH_CLIENTS if batch_clients is None else batch_clients, "batch_clients"
         )
-        self.mu = _prox_mu(self.settings.client_update)
+        _batched_step(self.settings.client_update)  # refused now, not in the first round
+        self.settings.client_state()  # creates state_dir now, as the other trainers do
         self.model = model_selector.select_model(model_name).to(self.device)
         self.cache: list[FedAvgUplinkPackage] = []
         self.round = 0
@@ -192,6 +196,7 @@ class FedAvgBatchedClientTrainer(
         """Train every client of ``cid_list`` from ``payload``, in groups; uplinks go to
         ``cache`` in client-list order."""
         payload = as_payload(payload)
+        hooks = _batched_step(self.settings.client_update)
         round_index = self.round
         self.round += 1
         fold = read_fold(self)
@@ -201,7 +206,8 @@ class FedAvgBatchedClientTrainer(
         try:
             for start in range(0, len(cid_list), self.batch_clients):
                 group = cid_list[start : start + self.batch_clients]
-                for offset, uplink in enumerate(self._train_group(payload, group, round_index)):
+                uplinks = self._train_group(payload, group, round_index, hooks)
+                for offset, uplink in enumerate(uplinks):
                     index = start + offset
                     if folding is not None:
                         uplink = folding.add(index, uplink)
@@ -225,7 +231,11 @@ class FedAvgBatchedClientTrainer(
         return batches, size
 
     def _train_group(
-        self, payload: FedAvgDownlinkPackage, group: list[int], round_index: int
+        self,
+        payload: FedAvgDownlinkPackage,
+        group: list[int],
+        round_index: int,
+        hooks: BatchedClientStep,
     ) -> list[FedAvgUplinkPackage]:
         s = self.settings
         started = time.perf_counter()
@@ -238,27 +248,34 @@ class FedAvgBatchedClientTrainer(
         step = self._step
         params, _ = stack_module_state([self.model] * k)
         params = {n: params[n].detach().to(dev) for n in step.names}
-        anchor = {n: p[0].clone() for n, p in params.items()} if self.mu else {}
+        run = BatchedGroup(
+            cids=list(group),
+            model=self.model,
+            payload=payload,
+            params=params,
+            device=dev,
+            lr=s.lr,
+            state=s.client_state(),
+            extra={},
+        )
+        hooks.begin(run)
         loss_sum = torch.zeros(k, dtype=torch.float64, device=dev)
         samples = torch.zeros(k, dtype=torch.float64, device=dev)
         xs, ys, ms = _padded(per_client, width, max(steps, default=0))
         xs, ys, ms = xs.to(dev), ys.to(dev), ms.to(dev)
         counts = ms.sum(dim=2)  # samples of each client's step t: [k, steps]
+        active = (counts > 0).to(torch.float32)  # which clients take step t: [k, steps]
         for t in range(max(steps, default=0)):
             grads, losses = step.grads(params, xs[:, t], ys[:, t], ms[:, t])
             count = counts[:, t]
             loss_sum += losses.detach().to(torch.float64) * count
             samples += count
             # A client without a step t has a zero loss, hence exactly zero gradients:
-            # p - lr * 0 is p. Only the proximal term needs masking to keep it still.
-            keep = (count > 0).to(torch.float32) if self.mu else None
+            # p - lr * 0 is p. What the client step adds to them is masked by `active`.
             with torch.no_grad():
+                hooks.correct_(run, grads, active[:, t])
                 for name, p in params.items():
-                    g = grads[name]
-                    if keep is not None:
-                        shape = (-1, *([1] * (p.dim() - 1)))
-                        g = g.add_((p - anchor[name]) * keep.view(shape), alpha=self.mu)
-                    p.sub_(g, alpha=s.lr)
+                    p.sub_(grads[name], alpha=s.lr)
         seconds = (time.perf_counter() - started) / max(k, 1)
         uplinks = []
         named = dict(self.model.named_parameters())
@@ -267,18 +284,17 @@ class FedAvgBatchedClientTrainer(
                 for name, p in params.items():
                     named[name].copy_(p[i])
             seen = float(samples[i])
-            uplinks.append(
-                FedAvgUplinkPackage(
-                    cid=cid,
-                    model_parameters=serialize_model(self.model),
-                    data_size=per_client[i][1],
-                    metadata={
-                        "loss": float(loss_sum[i]) / seen if seen else math.nan,
-                        "steps": float(steps[i]),
-                        "train_seconds": seconds,
-                    },
-                )
+            package = FedAvgUplinkPackage(
+                cid=cid,
+                model_parameters=serialize_model(self.model),
+                data_size=per_client[i][1],
+                metadata={
+                    "loss": float(loss_sum[i]) / seen if seen else math.nan,
+                    "steps": float(steps[i]),
+                    "train_seconds": seconds,
+                },
             )
+            uplinks.append(hooks.finish(run, i, package, steps[i]))
         return uplinks
 
 

@@ -1,4 +1,9 @@
-"""What one FedAvg client does in a round, with the hooks FedProx and SCAFFOLD use."""
+"""What one FedAvg client does in a round, with the hooks FedProx and SCAFFOLD use.
+
+:class:`FedAvgClientUpdate` runs one client; :class:`BatchedClientStep` is the same
+step for the batched runtime (:mod:`~emberfl.contrib.fedavg.batched`), where a group of
+clients trains as one stacked model and the hooks see all of them at once.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from emberfl.contrib.fedavg.packages import FedAvgDownlinkPackage, FedAvgUplinkP
 from emberfl.contrib.training import StopSignal, local_sgd
 from emberfl.core import deserialize_model, serialize_model
 
-__all__ = ["FedAvgClientUpdate", "LocalRun"]
+__all__ = ["BatchedClientStep", "BatchedGroup", "FedAvgClientUpdate", "LocalRun"]
 
 
 @dataclass
@@ -102,11 +107,68 @@ class FedAvgClientUpdate:
         """The uplink of the trained client (default: ``package`` as it is)."""
         return package
 
-    def batched_proximal_mu(self) -> float | None:
-        """How the batched runtime can run this step: the proximal coefficient to add
-        (``mu * (w - w_global)`` to each gradient; 0 for none), or None when it cannot
-        (a subclass whose hooks must run per client)."""
-        return 0.0 if type(self) is FedAvgClientUpdate else None
+    def batched_step(self) -> BatchedClientStep | None:
+        """This step for the batched runtime, or None when it cannot run there (a
+        subclass whose hooks must run per client)."""
+        return BatchedClientStep() if type(self) is FedAvgClientUpdate else None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+@dataclass
+class BatchedGroup:
+    """A group of clients trained together, as the :class:`BatchedClientStep` hooks see it.
+
+    ``params`` are the group's stacked trainable parameters (name to ``[k, *shape]``,
+    on ``device``; row ``i`` is client ``cids[i]``), updated in place at every step.
+    ``model`` holds the global model of ``payload`` while :meth:`~BatchedClientStep.begin`
+    runs. ``extra`` is scratch space for the hooks, as in :class:`LocalRun`.
+    """
+
+    cids: list[int]
+    model: nn.Module
+    payload: FedAvgDownlinkPackage
+    params: dict[str, torch.Tensor]
+    device: torch.device
+    lr: float
+    state: ClientStateStore | None
+    extra: dict[str, Any]
+
+
+class BatchedClientStep:
+    """FedAvg's client step in the batched runtime, and the hooks other steps change.
+
+    * :meth:`begin` -- before the group trains;
+    * :meth:`correct_` -- after every batched gradient, before the SGD step: may add a
+      term to each client's gradient (FedProx's proximal gradient, SCAFFOLD's control
+      correction);
+    * :meth:`finish` -- turns one trained client into its uplink package.
+
+    Like :class:`FedAvgClientUpdate` it holds no per-group state (that goes in
+    ``group.extra``).
+    """
+
+    def begin(self, group: BatchedGroup) -> None:
+        """Called once the group's parameters are stacked, before training (default:
+        nothing)."""
+
+    def correct_(
+        self, group: BatchedGroup, grads: dict[str, torch.Tensor], active: torch.Tensor
+    ) -> None:
+        """Change one step's stacked gradients in place (default: nothing).
+
+        ``active[i]`` is 1.0 when client ``i`` has a batch at this step and 0.0 when
+        it has none left; such a client's gradients are exactly zero, so it does not
+        move -- as long as whatever is added here is multiplied by ``active``.
+        """
+
+    def finish(
+        self, group: BatchedGroup, index: int, package: FedAvgUplinkPackage, steps: int
+    ) -> FedAvgUplinkPackage:
+        """The uplink of client ``group.cids[index]`` after ``steps`` real SGD steps
+        (its parameters are in ``package``); default: ``package`` as it is."""
+        return package
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
