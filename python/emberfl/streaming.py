@@ -277,6 +277,11 @@ class StreamingSum:
     # -- reading ---------------------------------------------------------------------
 
     @property
+    def elements(self) -> int:
+        """Elements summed over all terms (each holds a 16-byte exact sum)."""
+        return sum(len(s) for s in self._sums)
+
+    @property
     def names(self) -> tuple[str, ...]:
         """The terms' names, in order (empty until a contribution is folded)."""
         return self._names

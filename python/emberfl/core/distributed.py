@@ -8,9 +8,8 @@ The building blocks of a multi-rank round, each a collective every rank calls:
 * :func:`broadcast_package` -- the global model (any package) from one rank to all, as
   one flat buffer per dtype plus a small skeleton: no tensor is pickled;
 * :func:`combine_sums` -- every rank's folded :class:`~emberfl.streaming.StreamingSum`
-  into one total (on one rank, or on all): one gather of each term's exact bytes,
-  traffic O(ranks x model) whatever the number of clients, and the same bits for any
-  world size;
+  into one total on one rank: a tree of exact merges, O(log ranks x model) into that
+  rank whatever the number of clients, and the same bits for any world size;
 * :func:`gather_bytes` -- small per-rank results (the clients' stand-ins) to one rank.
 
 Ranks must run on a trusted private network: torch.distributed's store and gloo have no
@@ -121,43 +120,59 @@ def broadcast_package(package: Any, src: int = 0, group: Any = None) -> Any:
     return join_package(skeleton, received)
 
 
-def combine_sums(
-    sums: StreamingSum, group: Any = None, dst: int | None = None
-) -> StreamingSum | None:
-    """Every rank's ``sums`` added up: on rank ``dst`` (the others get ``None``), or on
-    every rank when ``dst`` is ``None``.
+def combine_sums(sums: StreamingSum, group: Any = None, dst: int = 0) -> StreamingSum | None:
+    """Every rank's ``sums`` added up, on rank ``dst`` (the other ranks get ``None``).
 
-    One gather (or all-gather) per term of the exact sums' bytes, merged in rank order
-    (any order gives the same bits): O(ranks x model) on the wire, whatever the number
-    of clients. Ranks that folded something must hold the same terms and lengths; a
-    rank that folded nothing sends zeros of the same length, which are left out. The
-    result's ``count`` is the total.
+    A binomial tree of exact merges: in step ``k`` every rank ``2^k`` places (relative
+    to ``dst``) past a multiple of ``2^(k+1)`` sends its partial total to that multiple
+    and is done. So no rank receives more than ``ceil(log2(ranks))`` sums, one at a time
+    (rank ``dst``'s memory and link carry O(log ranks x model), not O(ranks x model)),
+    and the traffic is independent of the number of clients. Exact sums merge in any
+    order to the same bits. ``sums`` is merged into (it becomes this rank's partial
+    total); ranks that folded something must hold the same terms and lengths, and a rank
+    that folded nothing takes part with an empty sum. The result's ``count`` is the total.
     """
-    rank = dist.get_rank(group)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     dev = _device(group)
     counts = _all_gather(torch.tensor([sums.count], dtype=torch.int64, device=dev), group)
     names = _names_from_any_rank(sums, group)
     mine = sums.term_bytes()
-    total = StreamingSum(nonfinite=sums.nonfinite, threads=sums.threads)
+    lengths = []
     for name in names:
         size = len(mine[name]) if name in mine else 0
         sizes = [int(s) for s in _all_gather(torch.tensor([size], device=dev), group)]
-        length = max(sizes)
-        if any(s not in (0, length) for s in sizes):
+        if any(s not in (0, max(sizes)) for s in sizes):
             raise ValueError(f"ranks hold sums of term {name!r} of different sizes: {sizes}")
-        data = (
-            torch.from_numpy(mine[name]).to(dev)
-            if name in mine
-            else torch.zeros(length, dtype=torch.uint8, device=dev)
-        )
-        parts = _all_gather(data, group) if dst is None else _gather(data, dst, group)
-        for sent, part in zip(sizes, parts, strict=False):  # no parts off ``dst``
-            if sent:
-                total.merge_term_bytes(name, part.cpu(), where="combine_sums")
-    if dst is not None and rank != dst:
-        return None
-    total.count = int(sum(int(c) for c in counts))
-    return total
+        lengths.append(max(sizes))
+    del mine
+    relative, step = (rank - dst) % world, 1
+    while step < world:
+        if relative % (2 * step):  # this rank's turn to send its partial total; then done
+            peer = _global((relative - step + dst) % world, group)
+            held = sums.term_bytes()
+            for name in names:
+                flag = torch.tensor([int(name in held)], dtype=torch.int64, device=dev)
+                dist.send(flag, peer, group=group)
+                if name in held:
+                    dist.send(torch.from_numpy(held[name]).to(dev), peer, group=group)
+            return None
+        if relative + step < world:
+            peer = _global((relative + step + dst) % world, group)
+            for name, length in zip(names, lengths, strict=True):
+                flag = torch.zeros(1, dtype=torch.int64, device=dev)
+                dist.recv(flag, peer, group=group)
+                if int(flag):
+                    data = torch.empty(length, dtype=torch.uint8, device=dev)
+                    dist.recv(data, peer, group=group)
+                    sums.merge_term_bytes(name, data.cpu(), where="combine_sums")
+        step *= 2
+    sums.count = int(sum(int(c) for c in counts))
+    return sums
+
+
+def _global(rank: int, group: Any) -> int:
+    """The global rank of ``rank`` of ``group`` (what send and recv take)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
 
 
 def gather_bytes(data: bytes, dst: int = 0, group: Any = None) -> list[bytes] | None:

@@ -12,9 +12,9 @@ process pool, a thread pool, a serial or batched trainer: anything that folds th
             trainer.local_process(handler.downlink_package(), cids)
             for package in trainer.uplink_package():
                 handler.load(package)
-        trainer.close()            # releases the other ranks
     else:
         trainer.follow()           # trains this rank's share of every round
+    trainer.close()                # rank 0's releases the other ranks
 
 Per round, rank 0 posts the round's header (round index, clients, their costs, the fold's
 terms) in the job's store, and then every rank
@@ -189,8 +189,9 @@ class DistributedClientTrainer:
         gathered = gather_bytes(pickle.dumps(wires), SERVER, self.group)
         if gathered is None or total is None:
             return None
+        # Every rank but this one receives the model once and sends one sum.
         model_bytes = tensor_bytes(payload)
-        sum_bytes = sum(len(b) for b in local.sums.term_bytes().values())
+        sum_bytes = 16 * total.elements
         self.round_wire_bytes = (self.world_size - 1) * (model_bytes + sum_bytes) + sum(
             len(g) for g in gathered[1:]
         )

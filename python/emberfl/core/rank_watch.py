@@ -100,7 +100,7 @@ class RankWatch:
 
     def _wait(self, done: Any, ranks: Sequence[int], what: str) -> None:
         last: dict[int, tuple[int, float]] = {}
-        pause, next_check = 0.001, 0.0
+        pause, next_check = 0.0005, 0.0
         while True:
             try:
                 if done():
@@ -126,8 +126,10 @@ class RankWatch:
                 raise
             except Exception as exc:  # the store itself is gone (its host died)
                 raise RankFailedError(None, f"the job's store failed: {exc}", what) from exc
+            # Short waits (a round's meeting) end within a millisecond or two; long ones
+            # (a rank still training) cost each rank at most 100 store requests a second.
             time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+            pause = min(pause * 1.5, 0.01)
 
     def explain(self, what: str) -> RankFailedError | None:
         """Why a collective failed: another rank's posted failure, or the rank that
