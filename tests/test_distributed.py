@@ -99,8 +99,8 @@ def _rank_main(rank: int, world: int, tmp: str) -> None:
         partial = StreamingSum()
         if rank != world // 2:  # this rank folds nothing here (a receiver in the tree at 5)
             partial.merge(local)
-        empty = combine_sums(partial)
-        total = combine_sums(local)
+        empty = combine_sums(partial, ["model", "control"])
+        total = combine_sums(local, ["model", "control"])
         assert (total is None) == (empty is None) == (rank != 0)
         if rank == 0:
             assert total is not None and empty is not None

@@ -17,15 +17,15 @@ process pool, a thread pool, a serial or batched trainer: anything that folds th
     trainer.close()                # rank 0's releases the other ranks
 
 Per round, rank 0 posts the round's header (round index, clients, their costs, the fold's
-terms) in the job's store, and then every rank
+terms, the downlink's skeleton and tensor layout) in the job's store, and then every rank
 
-1. meets the others, then receives the downlink package: one broadcast per dtype
-   (:func:`broadcast_package`);
+1. meets the others, then receives the downlink's tensors: one broadcast per dtype
+   (:func:`broadcast_tensors`);
 2. trains its share (:func:`assign_clients`, balanced by the clients' costs, from the
    round's client list alone) with its local trainer, folding every uplink into exact sums;
 3. meets the others (:class:`RankWatch`: a dead or silent rank is named, not waited on);
-4. sends its sums to rank 0, one gather per term (:func:`combine_sums`), and its
-   clients' tensor-free stand-ins (:func:`gather_bytes`).
+4. sends its sums towards rank 0 in a tree of exact merges (:func:`combine_sums`), and
+   its clients' tensor-free stand-ins to rank 0 (:func:`gather_bytes`).
 
 Rank 0 hands the merged round to the fold's sink and its stand-ins to ``uplink_package``
 in client order, as a one-machine trainer does. The sums are exact, so the model is
@@ -36,24 +36,27 @@ job send, on the trusted network the job runs on.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import pickle
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from emberfl.core.client_trainer import set_rounds_run
 from emberfl.core.distributed import (
     assign_clients,
-    broadcast_package,
+    broadcast_tensors,
     combine_sums,
+    describe_package,
     gather_bytes,
 )
 from emberfl.core.errors import RankFailedError
 from emberfl.core.fold import FoldedRound, FoldTerm, UplinkFold, WireStandIn, read_fold
-from emberfl.core.packages import tensor_bytes
+from emberfl.core.packages import join_package, tensor_bytes
 from emberfl.core.rank_watch import RankWatch
 from emberfl.streaming import StreamingSum
 
@@ -131,15 +134,18 @@ class DistributedClientTrainer:
                 "needs at least one client (use fewer ranks or more clients per round)"
             )
         costs = [float(self.client_cost(c)) for c in cids] if self.client_cost else None
+        skeleton, layout, tensors = describe_package(payload)
         header = {
             "op": "round",
             "round": self._rounds_run,
             "cids": cids,
             "costs": costs,
             "terms": [[t.name, t.field, t.weight] for t in fold.terms],
+            "skeleton": base64.b64encode(skeleton).decode("ascii"),
+            "layout": layout,
         }
         self._guarded(lambda: self._post(header), "posting a round")
-        folded = self._guarded(lambda: self._round(header, payload), f"round {header['round']}")
+        folded = self._guarded(lambda: self._round(header, tensors), f"round {header['round']}")
         assert folded is not None
         self._rounds_run += 1
         self.cache = list(folded.stand_ins)
@@ -169,18 +175,22 @@ class DistributedClientTrainer:
 
     # -- one round, on every rank ---------------------------------------------------
 
-    def _round(self, header: dict[str, Any], payload: Any) -> FoldedRound | None:
+    def _round(
+        self, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None
+    ) -> FoldedRound | None:
         cids: list[int] = header["cids"]
         positions = assign_clients(list(range(len(cids))), header["costs"], self.world_size)
         mine = positions[self.rank]
         # Every rank is here before the broadcast: a collective waits for a silent rank
         # as long as its timeout, a meeting in the store only ``watch.timeout``.
         self.watch.meet(f"start/{self._seq}", f"starting round {header['round']}")
-        payload = broadcast_package(payload if self.is_server else None, SERVER, self.group)
+        layout = [(k, d, list(shape)) for k, d, shape in header["layout"]]
+        received = broadcast_tensors(layout, tensors, SERVER, self.group)
+        payload = join_package(base64.b64decode(header["skeleton"]), received)
         terms = tuple(FoldTerm(n, f, w) for n, f, w in header["terms"])
         local = self._train([cids[i] for i in mine], payload, terms, header["round"])
         self.watch.meet(f"trained/{self._seq}", f"waiting for round {header['round']}'s ranks")
-        total = combine_sums(local.sums, self.group, dst=SERVER)
+        total = combine_sums(local.sums, [t.name for t in terms], self.group, dst=SERVER)
         fold = UplinkFold(terms)
         wires = [
             (mine[i], fold.wire_skeleton(s), local.skipped.get(i, ()))
