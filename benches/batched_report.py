@@ -16,6 +16,8 @@ Workloads (``--workloads``):
 ``digits``     the quick start: the MLP on the digits data, 100 clients, C=0.1, E=5, B=10
 ``cifar_cnn``  the PyTorch tutorial CNN on CIFAR-shaped random images, 100 clients of 500
                samples, C=0.1, E=1, B=50
+``resnet18``   the CIFAR ResNet-18 on the same data and settings (``--runtimes
+               process,thread``: it has BatchNorm, which the batched runtime refuses)
 
 ``--device cuda`` runs every runtime on the GPU (the pools spread their clients over the
 visible devices). Each row is the median of ``--repeat`` runs (fresh trainers, rotating
@@ -80,6 +82,15 @@ def workload(name: str, seed: int) -> tuple[Dataset, str, int, int, int, float]:
         return (
             _random_images("cifar-shaped", 50_000, (3, 32, 32), 10, seed),
             "cifar_cnn",
+            100,
+            1,
+            50,
+            0.05,
+        )
+    if name == "resnet18":  # BatchNorm: the pools only (the batched runtime refuses it)
+        return (
+            _random_images("cifar-shaped", 50_000, (3, 32, 32), 10, seed),
+            "resnet18",
             100,
             1,
             50,

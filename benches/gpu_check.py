@@ -9,8 +9,12 @@ device it says so and exits with status 3 (nothing was checked). Meant to take u
    (256 MiB, median of 5);
 3. FedAvg rounds on the GPU, steady round of the process pool, the thread pool and the
    batched runtime (``benches/batched_report.py --device cuda``: the CIFAR CNN and the
-   2NN workloads) and the batched runtime's ratio to the best pool;
-4. NCCL: listed as not run until the distributed runtime exists.
+   2NN workloads, and ResNet-18 on the pools) and the batched runtime's ratio to the best
+   pool;
+4. the distributed runtime: ``emberfl run`` as 2 ranks on this node (as torchrun starts
+   them) with ``--device cuda`` -- NCCL when there are 2 GPUs, gloo when the ranks share
+   one (NCCL refuses two ranks on one GPU) -- against the one-process run: both finish,
+   and whether the final models are the same bits is shown.
 """
 
 from __future__ import annotations
@@ -88,7 +92,26 @@ def check_rounds(repeat: int) -> list[tuple[str, str, str]]:
         )
     except Exception as exc:
         return [_row("FedAvg rounds on the GPU", False, f"{type(exc).__name__}: {exc}")]
-    for workload in ("cifar_cnn", "2nn"):
+    try:
+        table.update(
+            batched_report.main(
+                [
+                    "--device",
+                    "cuda",
+                    "--workloads",
+                    "resnet18",
+                    "--runtimes",
+                    "process,thread",
+                    "--repeat",
+                    str(repeat),
+                ]
+            )
+        )
+    except Exception as exc:
+        rows.append(_row("ResNet-18 rounds on the GPU", False, f"{type(exc).__name__}: {exc}"))
+    for workload in ("cifar_cnn", "2nn", "resnet18"):
+        if not any(key[0] == workload for key in table):
+            continue
         pools = [table[(workload, r)] for r in ("process", "thread") if (workload, r) in table]
         batched = table.get((workload, "batched"))
         detail = ", ".join(
@@ -100,6 +123,62 @@ def check_rounds(repeat: int) -> list[tuple[str, str, str]]:
             detail += f"; best pool / batched {min(pools) / batched:.2f}x"
         rows.append(_row(f"FedAvg steady round on cuda, {workload}", True, detail))
     return rows
+
+
+def check_distributed(device: str = "cuda") -> tuple[str, str, str]:
+    import os
+    import socket
+
+    from safetensors.torch import load_file
+
+    if device == "cuda":
+        backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo (2 ranks share 1 GPU)"
+    else:
+        backend = "gloo"
+    base = [
+        sys.executable, "-m", "emberfl", "run", "--dataset", "digits", "--clients", "20",
+        "--sample-ratio", "0.5", "--rounds", "3", "--epochs", "1", "--device", device,
+        "--runtime", "thread", "--workers", "2", "--threads", "1", "--quiet", "--no-progress",
+    ]  # fmt: skip
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])  # free once the socket is closed
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        one = subprocess.run(
+            [*base, "--out", f"{tmp}/one"], capture_output=True, text=True, check=False
+        )
+        one_s = time.perf_counter() - start
+        procs = []
+        start = time.perf_counter()
+        for rank in range(2):
+            env = dict(
+                os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                GLOO_SOCKET_IFNAME="lo",
+            )  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [*base, "--out", f"{tmp}/two"],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+        two_s = time.perf_counter() - start
+        if one.returncode or any(p.returncode for p in procs):
+            detail = (one.stderr or "".join(errors)).strip().splitlines()[-1:]
+            return _row(f"emberfl run on 2 ranks, {backend}", False, " ".join(detail))
+        a = load_file(f"{tmp}/one/model.safetensors")
+        b = load_file(f"{tmp}/two/model.safetensors")
+        same = all(bool((a[k] == b[k]).all()) for k in a)
+    return _row(
+        f"emberfl run on 2 ranks, {backend}",
+        True,
+        f"1 process {one_s:.1f} s, 2 ranks {two_s:.1f} s (with start-up); same bits: {same}",
+    )
 
 
 def main() -> int:
@@ -115,8 +194,7 @@ def main() -> int:
     print(
         f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     )
-    rows = [check_tests(), check_store_load(), *check_rounds(args.repeat)]
-    rows.append(_row("NCCL (distributed runtime)", None, "no distributed runtime yet"))
+    rows = [check_tests(), check_store_load(), *check_rounds(args.repeat), check_distributed()]
     failed = [name for name, status, _ in rows if status == "FAIL"]
     print(
         f"{len(rows) - len(failed)} of {len(rows)} rows ok"

@@ -18,14 +18,16 @@ Then a projection (a formula applied to the measured numbers, not a measurement)
 ``--cohort`` clients per round on N nodes of ``--workers`` workers each, on 10 and
 100 Gb/s links::
 
-    round(N) = t_client * cohort / (N * workers)               # training, split evenly
-             + (B_model + (N - 1) * B_sums + B_meta) / link    # rank 0's link
+    round(N) = t_client * cohort / (N * workers)                    # training, split evenly
+             + ceil(log2 N) * (B_model + B_sums) / link             # broadcast, tree of sums
+             + cohort * b_meta / link                               # stand-ins into rank 0
 
 with ``t_client`` the measured steady round of one rank divided by its clients per
-worker, ``B_model`` the model's bytes (sent once; torch's broadcast fans out in a tree,
-taken here at rank 0's one send), ``B_sums`` one rank's exact sums (16 bytes per
-parameter: one 128-bit integer each) and ``B_meta`` the stand-ins (measured, small).
-The gather into rank 0 is the term that grows with N.
+worker, ``B_model`` the model's bytes, ``B_sums`` one rank's exact sums (16 bytes per
+parameter: one 128-bit integer each), both taken once per level of a binomial tree
+(the sums' tree is :func:`~emberfl.core.distributed.combine_sums`; the broadcast is
+torch's, at most that), and ``b_meta`` a client's stand-in (measured, a few hundred
+bytes). Latency, the store's meetings and rank 0's own work are left out.
 
     python benches/multirank_report.py --models cnn,resnet18 --clients 20 --repeat 3
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -188,7 +191,9 @@ def main() -> None:
                     flush=True,
                 )
                 per_client = t1 * args.workers / args.clients
-                meta = max(0.0, w - (args.workers - 1) * params * (4 + 16))
+                # The stand-ins of the clients not on rank 0 (its share stays there).
+                remote = args.clients * (args.workers - 1) / args.workers
+                meta = max(0.0, w - (args.workers - 1) * params * (4 + 16)) / remote
                 projections.append((model, regime, per_client, params, meta))
     print(f"\n# projection: {args.cohort} clients per round, {args.workers} workers per node")
     print(f"{'model':9} {'regime':6} {'nodes':>5} {'link':>8} {'train s':>8} {'wire s':>7}")
@@ -196,7 +201,8 @@ def main() -> None:
         for nodes in (8, 64):
             for gbps in (10, 100):
                 train = per_client * args.cohort / (nodes * args.workers)
-                moved = params * 4 + (nodes - 1) * (params * 16 + meta)
+                levels = math.ceil(math.log2(nodes))
+                moved = levels * params * (4 + 16) + args.cohort * meta
                 print(
                     f"{model:9} {regime:6} {nodes:5} {gbps:>5}Gb/s {train:8.2f} "
                     f"{moved * 8 / (gbps * 1e9):7.2f}"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import emberfl
@@ -57,7 +58,9 @@ def _free_port() -> int:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    # torch's default thread count: the ranks must set theirs from --threads, as rank 0.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["GLOO_SOCKET_IFNAME"] = "lo"
     env.update(extra)
     return env
 
@@ -285,6 +288,41 @@ def test_torchrun_restarts_resume_bit_for_bit(references: dict[str, Path], tmp_p
     assert len((out / "metrics.csv").read_text().splitlines()) == 13
 
 
+@pytest.mark.faults
+def test_a_killed_job_resumes_on_another_number_of_ranks(tmp_path: Path) -> None:
+    """Kill every rank of a 2-rank job after a checkpoint; ``emberfl resume`` on 3 ranks
+    (shares recomputed from each round's client list) ends with the uninterrupted model."""
+    settings = {**SETTINGS, "rounds": 10, "epochs": 5, "checkpoint_every": 2}
+    reference = tmp_path / "reference"
+    run_simulation(settings, workers=2, out=str(reference))
+    out = tmp_path / "run"
+    args = [*BASE, "--rounds", "10", "--epochs", "5", "--checkpoint-every", "2",
+            "--workers", "1", "--out", str(out)]  # fmt: skip
+    procs = _ranks(2, args)
+    try:
+        _wait_rows(out, 3, procs)
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    assert (out / "latest").exists()
+    port = str(_free_port())
+    resumed = [
+        subprocess.Popen(
+            [sys.executable, "-m", "emberfl", "resume", str(out), "--workers", "1"],
+            env=_env(RANK=str(r), WORLD_SIZE="3", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="3",
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        for r in range(3)
+    ]  # fmt: skip
+    results = _finish(resumed)
+    assert all(code == 0 for code, _ in results), results
+    assert "resuming from round" in results[0][1]
+    assert _same_model(out, reference)
+    assert json.loads((out / "config.json").read_text())["layout"]["world_size"] == 3
+
+
 def test_a_rank_with_another_configuration_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [*BASE, "--runtime", "serial", "--out", str(out)]
@@ -302,7 +340,7 @@ def test_more_ranks_than_clients_per_round_is_refused(tmp_path: Path) -> None:
         assert code == 2 and "2 clients per round cannot keep 3 ranks busy" in err, err
 
 
-def test_launch_variables_make_a_cluster() -> None:
+def test_launch_variables_make_a_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
            "MASTER_ADDR": "h", "MASTER_PORT": "1", "TORCHELASTIC_RESTART_COUNT": "2"}  # fmt: skip
     cluster = Cluster.from_env(env)
@@ -311,7 +349,12 @@ def test_launch_variables_make_a_cluster() -> None:
     assert cluster.layout(2) == {
         "world_size": 4, "nodes": 2, "processes_per_node": 2, "workers_per_rank": 2
     }  # fmt: skip
-    assert cluster.device("cuda") == "cuda:1" and cluster.device("cpu") == "cpu"
+    assert cluster.device("cpu") == "cpu" and cluster.backend("cpu") == "gloo"
+    # One GPU per rank: NCCL; two ranks of the node on one GPU: they share it, over gloo.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert (cluster.device("cuda"), cluster.backend("cuda")) == ("cuda:1", "nccl")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert (cluster.device("cuda"), cluster.backend("cuda")) == ("cuda:0", "gloo")
     assert Cluster.from_env({**env, "WORLD_SIZE": "1", "RANK": "0"}) is None
     assert Cluster.from_env({"RANK": "0"}) is None
     with pytest.raises(ConfigError, match="launch variables"):

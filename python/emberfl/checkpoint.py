@@ -24,6 +24,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 
 from emberfl import __version__, store
+from emberfl.core.client_trainer import set_rounds_run
 from emberfl.fileio import (
     atomic_copy,
     atomic_write_text,
@@ -47,6 +49,8 @@ from emberfl.fileio import (
     publish_dir,
 )
 from emberfl.metrics import METRICS_FILE
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -67,6 +71,7 @@ __all__ = [
     "read_manifest",
     "remove_leftovers",
     "restore_files",
+    "restore_run",
     "write_checkpoint",
 ]
 
@@ -397,3 +402,29 @@ def _holder_pid(fd: int, wait: float = 0.5) -> int | None:
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.02)
+
+
+def restore_run(run_dir: Path, algorithm: str, handler: Any, trainer: object) -> int | None:
+    """Bring ``run_dir``, the server ``handler`` and the client ``trainer`` back to the
+    last checkpoint of an ``algorithm`` run; returns its round (None: no checkpoint, the
+    run starts over)."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        logger.info("%s has no checkpoint: the run starts over", run_dir)
+        restore_files(run_dir, None)
+        return None
+    manifest = read_manifest(checkpoint)
+    if manifest.get("algorithm") != algorithm:
+        raise CheckpointError(
+            f"{checkpoint} was written by a {manifest.get('algorithm')!r} run, not {algorithm!r}"
+        )
+    state = load_server_state(checkpoint)
+    try:
+        handler.load_checkpoint_state(state)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{checkpoint / SERVER_FILE} does not fit this run: {exc}") from exc
+    round_: int = handler.round
+    set_rounds_run(trainer, round_)  # the clients' random streams continue from there
+    restore_files(run_dir, checkpoint)
+    logger.info("resuming %s from round %d", run_dir, round_)
+    return round_

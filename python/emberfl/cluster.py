@@ -105,8 +105,18 @@ class Cluster:
         }
 
     def device(self, device: str) -> str:
-        """This rank's device: ``cuda`` becomes ``cuda:<LOCAL_RANK>`` (one GPU per rank)."""
-        return f"cuda:{self.local_rank}" if device == "cuda" else device
+        """This rank's device: ``cuda`` becomes ``cuda:<LOCAL_RANK>`` (one GPU per rank;
+        ranks share GPUs round-robin when a node has fewer GPUs than ranks)."""
+        if device != "cuda":
+            return device
+        return f"cuda:{self.local_rank % max(1, torch.cuda.device_count())}"
+
+    def backend(self, device: str) -> str:
+        """NCCL when every rank of the node has a GPU of its own, else gloo (NCCL refuses
+        two ranks on one GPU; with gloo the sums cross through host memory)."""
+        if device.startswith("cuda") and torch.cuda.device_count() >= self.local_world_size:
+            return "nccl"
+        return "gloo"
 
     # -- start and stop ----------------------------------------------------------
 
@@ -122,9 +132,15 @@ class Cluster:
                 "restart into a stale address (pytorch#135712); export "
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun"
             )
-        backend = "nccl" if device.startswith("cuda") else "gloo"
+        backend = self.backend(device)
         if backend == "nccl":
             torch.cuda.set_device(self.local_rank)
+        elif device.startswith("cuda"):
+            logger.info(
+                "%d ranks on this node share %d GPU(s): their collectives use gloo",
+                self.local_world_size,
+                torch.cuda.device_count(),
+            )
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=collective_timeout))
         if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:

@@ -22,6 +22,9 @@ directory), builds the algorithm's server handler and client trainer (see
   :meth:`Simulation.prepare` to :meth:`Simulation.close`: a second ``run`` or
   ``resume`` of it fails with :class:`RunDirLockedError`.
 
+Under torchrun (see :mod:`emberfl.cluster`) every rank prepares the same data and its
+own workers; rank 0 runs the rounds and writes the run directory, the others follow.
+
 Every file is published by temp file + rename (:mod:`emberfl.fileio`), with the
 permissions the process umask gives. Everything a later round depends on lives in
 the server handler (model, round counter, client sampler, optimizer moments, server
@@ -51,7 +54,6 @@ from emberfl import __version__, store
 from emberfl.checkpoint import (
     LATEST_FILE,
     MODEL_FILE,
-    SERVER_FILE,
     STATE_DIR,
     WORK_PREFIX,
     CheckpointError,
@@ -60,10 +62,8 @@ from emberfl.checkpoint import (
     RunDirLockedError,
     latest_checkpoint,
     load_checkpoint,
-    load_server_state,
-    read_manifest,
     remove_leftovers,
-    restore_files,
+    restore_run,
     write_checkpoint,
 )
 from emberfl.cluster import Cluster
@@ -81,7 +81,6 @@ from emberfl.config import (
 )
 from emberfl.contrib import FedAvgBaseServerHandler, FedAvgUplinkPackage
 from emberfl.contrib.registry import algorithm_spec, make_client_trainer, make_server_handler
-from emberfl.core.client_trainer import set_rounds_run
 from emberfl.core.distributed_trainer import DistributedClientTrainer
 from emberfl.core.packages import tensor_bytes
 from emberfl.data import Dataset, Partition, StorePartitionedDataset
@@ -309,30 +308,9 @@ class Simulation:
 
     def _restore(self) -> None:
         """Bring the run directory, handler and trainer back to the last checkpoint."""
-        assert self.handler is not None
-        checkpoint = latest_checkpoint(self.run_dir)
-        if checkpoint is None:
-            logger.info("%s has no checkpoint: the run starts over", self.run_dir)
-            restore_files(self.run_dir, None)
-            return
-        manifest = read_manifest(checkpoint)
-        if manifest.get("algorithm") != self.config.algorithm:
-            raise CheckpointError(
-                f"{checkpoint} was written by a {manifest.get('algorithm')!r} run, "
-                f"not {self.config.algorithm!r}"
-            )
-        state = load_server_state(checkpoint)
-        try:
-            self.handler.load_checkpoint_state(state)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            raise CheckpointError(
-                f"{checkpoint / SERVER_FILE} does not fit this run: {exc}"
-            ) from exc
-        round_ = self.handler.round
-        set_rounds_run(self.trainer, round_)
-        restore_files(self.run_dir, checkpoint)
-        self.resumed_from = round_
-        logger.info("resuming %s from round %d", self.run_dir, round_)
+        self.resumed_from = restore_run(
+            self.run_dir, self.config.algorithm, self.handler, self.trainer
+        )
 
     def _config_record(self) -> dict[str, Any]:
         config = self.config
@@ -509,6 +487,7 @@ class Simulation:
         result = SimulationResult(run_dir=self.run_dir)
         self.prepare()
         if self._following:  # another rank than 0: train its share of rank 0's rounds
+            self._set_threads()
             self.trainer.follow()
             result.seconds = time.perf_counter() - start
             return result
