@@ -271,3 +271,27 @@ def test_the_watch_lets_ranks_meet_and_post() -> None:
     finally:
         for w in watches:
             w.close()
+
+
+def test_a_broken_collective_is_blamed_on_the_rank_that_went_silent() -> None:
+    """gloo reports a peer that died in a collective as a RuntimeError ("Connection
+    reset by peer"); the trainer asks the watch which rank went silent and names it."""
+
+    class _Watch:
+        def __init__(self, cause: RankFailedError | None) -> None:
+            self.cause = cause
+
+        def explain(self, what: str) -> RankFailedError | None:
+            return self.cause
+
+    def broken() -> None:
+        raise RuntimeError("Read error [127.0.0.1]:23971: Connection reset by peer")
+
+    trainer = object.__new__(DistributedClientTrainer)
+    trainer.watch = _Watch(RankFailedError(2, "has been silent for 3 s", "combining sums"))  # type: ignore[assignment]
+    with pytest.raises(RankFailedError, match="rank 2 has been silent") as info:
+        trainer._collective(broken, "combining sums")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    trainer.watch = _Watch(None)  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="Connection reset"):
+        trainer._collective(broken, "combining sums")

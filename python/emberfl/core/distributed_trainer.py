@@ -185,18 +185,25 @@ class DistributedClientTrainer:
         # as long as its timeout, a meeting in the store only ``watch.timeout``.
         self.watch.meet(f"start/{self._seq}", f"starting round {header['round']}")
         layout = [(k, d, list(shape)) for k, d, shape in header["layout"]]
-        received = broadcast_tensors(layout, tensors, SERVER, self.group)
+        received = self._collective(
+            lambda: broadcast_tensors(layout, tensors, SERVER, self.group), "receiving the model"
+        )
         payload = join_package(base64.b64decode(header["skeleton"]), received)
         terms = tuple(FoldTerm(n, f, w) for n, f, w in header["terms"])
         local = self._train([cids[i] for i in mine], payload, terms, header["round"])
         self.watch.meet(f"trained/{self._seq}", f"waiting for round {header['round']}'s ranks")
-        total = combine_sums(local.sums, [t.name for t in terms], self.group, dst=SERVER)
+        names = [t.name for t in terms]
+        total = self._collective(
+            lambda: combine_sums(local.sums, names, self.group, dst=SERVER), "combining sums"
+        )
         fold = UplinkFold(terms)
         wires = [
             (mine[i], fold.wire_skeleton(s), local.skipped.get(i, ()))
             for i, s in enumerate(local.stand_ins)
         ]
-        gathered = gather_bytes(pickle.dumps(wires), SERVER, self.group)
+        gathered = self._collective(
+            lambda: gather_bytes(pickle.dumps(wires), SERVER, self.group), "sending stand-ins"
+        )
         if gathered is None or total is None:
             return None
         # Every rank but this one receives the model once and sends one sum.
@@ -214,6 +221,17 @@ class DistributedClientTrainer:
                     skipped[position] = tuple(bad)
         total.skipped.clear()  # the positions are in ``skipped``, in client order
         return FoldedRound(total, stand_ins, dict(sorted(skipped.items())))
+
+    def _collective(self, step: Callable[[], Any], what: str) -> Any:
+        """Run a collective ``step``; when it breaks (gloo and NCCL raise RuntimeError),
+        most likely another rank died in it: name that rank if the watch can."""
+        try:
+            return step()
+        except RuntimeError as exc:
+            cause = self.watch.explain(what)
+            if cause is not None:
+                raise cause from exc
+            raise
 
     def _train(
         self, cids: list[int], payload: Any, terms: tuple[FoldTerm, ...], round_index: int
@@ -252,13 +270,6 @@ class DistributedClientTrainer:
             return step()
         except RankFailedError:
             raise  # another rank's failure: that rank has told the others
-        except dist.DistError as exc:
-            # A collective broke: most likely another rank died in it; name that rank.
-            cause = self.watch.explain(what)
-            if cause is not None:
-                raise cause from exc
-            self.watch.fail(f"{type(exc).__name__} while {what}: {exc}".splitlines()[0])
-            raise
         except BaseException as exc:
             self.watch.fail(f"{type(exc).__name__} while {what}: {exc}".splitlines()[0])
             raise
