@@ -196,11 +196,12 @@ class DistributedClientTrainer:
         total = self._collective(
             lambda: combine_sums(local.sums, names, self.group, dst=SERVER), "combining sums"
         )
+        # Rank 0 keeps its own stand-ins; the others send theirs in wire form.
         fold = UplinkFold(terms)
-        wires = [
+        wires = [] if self.is_server else [
             (mine[i], fold.wire_skeleton(s), local.skipped.get(i, ()))
             for i, s in enumerate(local.stand_ins)
-        ]
+        ]  # fmt: skip
         gathered = self._collective(
             lambda: gather_bytes(pickle.dumps(wires), SERVER, self.group), "sending stand-ins"
         )
@@ -210,16 +211,20 @@ class DistributedClientTrainer:
         model_bytes = tensor_bytes(payload)
         sum_bytes = 16 * total.elements
         self.round_wire_bytes = (self.world_size - 1) * (model_bytes + sum_bytes) + sum(
-            len(g) for g in gathered[1:]
+            len(g) for r, g in enumerate(gathered) if r != SERVER
         )
         stand_ins: list[Any] = [None] * len(cids)
         skipped: dict[int, tuple[str, ...]] = {}
-        for data in gathered:
+        for i, stand_in in enumerate(local.stand_ins):
+            stand_ins[mine[i]] = stand_in
+        skipped.update((mine[i], bad) for i, bad in local.skipped.items())
+        for r, data in enumerate(gathered):
+            if r == SERVER:
+                continue
             for position, skeleton, bad in pickle.loads(data):
                 stand_ins[position] = WireStandIn(skeleton, tuple(bad)).package()
                 if bad:
                     skipped[position] = tuple(bad)
-        total.skipped.clear()  # the positions are in ``skipped``, in client order
         return FoldedRound(total, stand_ins, dict(sorted(skipped.items())))
 
     def _collective(self, step: Callable[[], Any], what: str) -> Any:
