@@ -78,24 +78,9 @@ def workload(name: str, seed: int) -> tuple[Dataset, str, int, int, int, float]:
         return data, "2nn", 100, 1, 10, 0.1
     if name == "digits":
         return load_digits(seed=seed), "mlp", 100, 5, 10, 0.2
-    if name == "cifar_cnn":
-        return (
-            _random_images("cifar-shaped", 50_000, (3, 32, 32), 10, seed),
-            "cifar_cnn",
-            100,
-            1,
-            50,
-            0.05,
-        )
-    if name == "resnet18":  # BatchNorm: the pools only (the batched runtime refuses it)
-        return (
-            _random_images("cifar-shaped", 50_000, (3, 32, 32), 10, seed),
-            "resnet18",
-            100,
-            1,
-            50,
-            0.05,
-        )
+    if name in ("cifar_cnn", "resnet18"):  # resnet18 has BatchNorm: the pools only
+        images = _random_images("cifar-shaped", 50_000, (3, 32, 32), 10, seed)
+        return images, name, 100, 1, 50, 0.05
     raise ValueError(f"unknown workload {name!r}")
 
 

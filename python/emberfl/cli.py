@@ -423,7 +423,6 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _execute(simulation: Any, args: argparse.Namespace, started: float) -> int:
-
     from emberfl.core.errors import RankFailedError
 
     try:
