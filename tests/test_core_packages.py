@@ -56,7 +56,8 @@ def test_round_trip_through_a_file_is_exact_and_zero_copy(tmp_path: Path) -> Non
     pkg = {
         "pkg": Package(
             cid=3,
-            model_parameters=torch.randn(1000, generator=gen),
+            # 4 MiB, so that the file is mapped (files up to 2 MiB are read into memory).
+            model_parameters=torch.randn(1 << 20, generator=gen),
             data_size=12,
             metadata={"acc": 0.25},
             extra=[Inner(torch.arange(6, dtype=torch.int64).reshape(2, 3)), "text", 4.5],

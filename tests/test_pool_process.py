@@ -46,10 +46,19 @@ class ScriptedTrainer(ProcessPoolClientTrainer[dict, dict, dict, dict]):
         self.progress = False
         self.scratch = scratch
         self.actions: dict[int, tuple[str, float]] = {}
+        # Elements of payload["big"] each uplink carries back: 1 << 20 (4 MiB) makes the
+        # uplink files large enough to be mapped (files up to 2 MiB are read).
+        self.uplink_big = 4
 
     def get_client_config(self, cid: int) -> dict:
         action, arg = self.actions.get(cid, ("ok", 0.0))
-        return {"cid": cid, "action": action, "arg": arg, "scratch": str(self.scratch)}
+        return {
+            "cid": cid,
+            "action": action,
+            "arg": arg,
+            "scratch": str(self.scratch),
+            "uplink_big": self.uplink_big,
+        }
 
     @staticmethod
     def worker(
@@ -82,7 +91,7 @@ class ScriptedTrainer(ProcessPoolClientTrainer[dict, dict, dict, dict]):
             "cid": cid,
             "pid": os.getpid(),
             "w": w.clone(),
-            "big": payload["big"][:4].clone(),
+            "big": payload["big"][: config["uplink_big"]].clone(),
             "round": current_client().round,
             "stop_seen": stop_event.is_set(),
             "threads": torch.get_num_threads(),
@@ -102,6 +111,7 @@ def _payload(value: float) -> dict:
 
 def _reset(trainer: ScriptedTrainer) -> None:
     trainer.actions = {}
+    trainer.uplink_big = 4
     trainer.retry_crashed = False  # type: ignore[attr-defined]
     trainer.client_timeout = None  # type: ignore[attr-defined]
     # One client per worker, so that every worker (some may just have been
@@ -160,7 +170,9 @@ def _mapping_of(address: int) -> str | None:
 
 def test_uplinks_are_mapped_from_files_that_are_then_removed(trainer: ScriptedTrainer) -> None:
     _reset(trainer)
+    trainer.uplink_big = 1 << 20
     trainer.local_process(_payload(0.0), [4, 6])
+    trainer.uplink_big = 4
     results = trainer.uplink_package()
     share = trainer.share_path
     assert share is not None
@@ -322,10 +334,12 @@ def test_uplinks_are_handed_over_in_order_while_the_round_runs(
         return {"cid": package["cid"]}  # what the cache keeps: the tensors are dropped
 
     trainer.on_uplink = on_uplink  # type: ignore[attr-defined]
+    trainer.uplink_big = 1 << 20
     try:
         trainer.local_process(_payload(0.0), cids)
     finally:
         trainer.on_uplink = None  # type: ignore[attr-defined]
+        trainer.uplink_big = 4
     assert [(i, c) for i, c, _ in seen] == list(enumerate(cids))
     # Only the uplink being handed over is mapped: earlier ones were released.
     assert max(m for _, _, m in seen) == 1

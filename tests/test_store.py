@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import os
 import resource
 import signal
@@ -11,6 +12,9 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +177,8 @@ def test_load_is_a_private_zero_copy_mapping(tmp_path: Path) -> None:
 
 def test_a_tensor_keeps_its_mapping_alive_and_the_last_one_releases_it(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
-    state = {"a": torch.arange(4096.0), "b": torch.ones(3, dtype=torch.bfloat16)}
+    # 4 MiB: files up to 2 MiB are read, not mapped.
+    state = {"a": torch.arange(float(1 << 20)), "b": torch.ones(3, dtype=torch.bfloat16)}
     store.save(path, state)
     handle = store.open_file(path)
     a, b = handle["a"], handle.tensors()["b"]
@@ -293,3 +298,254 @@ def test_device_argument_moves_tensors(tmp_path: Path) -> None:
     assert store.load(path, device="cpu")["x"].device.type == "cpu"
     if torch.cuda.is_available():
         assert store.load(path, device="cuda")["x"].device.type == "cuda"
+
+
+# ------------------------------------------------------------- files from elsewhere
+
+
+def write_raw(path: Path, header: dict[str, object], data: bytes = b"") -> Path:
+    """A safetensors file with exactly ``header`` (as JSON) and ``data``."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def empty_entry(dtype: str, shape: list[int]) -> dict[str, object]:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [0, 0]}
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "needle"),
+    [
+        ([0, 2**64 - 1], "F32", f"shape dimension {2**64 - 1} exceeds the limit"),
+        ([0, 2**63], "U8", "exceeds the limit of 9223372036854775807"),
+        ([1] * 65, "U8", "shape has 65 dimensions, more than the limit of 64"),
+        ([1] * 200_000, "U8", "shape has 200000 dimensions"),
+        ([0, 2**62], "F32", "overflows the address space"),
+        ([2**31, 0, 2**31], "F64", "overflows the address space"),
+    ],
+    ids=["u64-max", "past-isize", "65-dims", "200000-dims", "empty-f32", "empty-f64"],
+)
+def test_shapes_numpy_cannot_hold_are_store_errors(
+    tmp_path: Path, shape: list[int], dtype: str, needle: str
+) -> None:
+    """The validator refuses them, naming the file: numpy never sees them."""
+    numel = 0 if 0 in shape else 1
+    entry = {"dtype": dtype, "shape": shape, "data_offsets": [0, numel]}
+    path = write_raw(tmp_path / "f.safetensors", {"t": entry}, b"\0" * numel)
+    with pytest.raises(store.StoreError) as info:
+        store.load(path)
+    assert str(info.value).startswith(f'{path}: tensor "t": '), info.value
+    assert needle in str(info.value)
+
+
+def test_shapes_at_the_limits_load(tmp_path: Path) -> None:
+    path = write_raw(
+        tmp_path / "f.safetensors",
+        {"deep": {"dtype": "U8", "shape": [1] * 64, "data_offsets": [0, 1]}},
+        b"\x07",
+    )
+    (t,) = store.load(path).values()
+    assert t.dim() == 64 and int(t.reshape(-1)[0]) == 7
+    huge = 2**63 - 1
+    path = write_raw(tmp_path / "e.safetensors", {"e": empty_entry("U8", [0, huge])})
+    assert store.load(path)["e"].shape == (0, huge)
+
+
+def test_more_tensors_than_the_limit_are_a_store_error(tmp_path: Path) -> None:
+    header = {str(i): empty_entry("U8", [0]) for i in range(100_001)}
+    path = write_raw(tmp_path / "many.safetensors", header)
+    with pytest.raises(store.StoreError, match="more than 100000 tensors"):
+        store.open_file(path)
+
+
+def test_metadata_past_its_limits_is_a_store_error(tmp_path: Path) -> None:
+    path = write_raw(
+        tmp_path / "m.safetensors", {"__metadata__": {f"k{i}": "v" for i in range(4097)}}
+    )
+    with pytest.raises(store.StoreError, match="more than 4096 entries"):
+        store.open_file(path)
+    path = write_raw(tmp_path / "m.safetensors", {"__metadata__": {"k": "x" * (16 << 20)}})
+    with pytest.raises(store.StoreError, match=r"holds 16777217 bytes .* limit of 16777216"):
+        store.open_file(path)
+    with pytest.raises(store.StoreError, match="more than the limit"):
+        store.save(tmp_path / "w.safetensors", {}, metadata={"k": "x" * (16 << 20)})
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def load_within(path: Path, seconds: float) -> BaseException | None:
+    """``store.load(path)`` on a thread: what it raised (None: it returned), or a test
+    failure if it did not answer within ``seconds``."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            store.load(path)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=target, daemon=True)
+    started = time.monotonic()
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        # Release the blocked open (a FIFO opens once a writer comes), then fail.
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        worker.join(5)
+        pytest.fail(f"store.load({path}) blocked for {time.monotonic() - started:.1f} s")
+    return outcome[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_a_fifo_is_a_store_error_not_a_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    error = load_within(fifo, 5.0)
+    assert time.monotonic() - started < 1.0
+    assert isinstance(error, store.StoreError), error
+    assert str(error) == f"{fifo}: not a regular file (a FIFO)"
+    error = load_within(tmp_path, 5.0)
+    assert isinstance(error, store.StoreError) and "(a directory)" in str(error)
+    if Path("/dev/null").exists():
+        error = load_within(Path("/dev/null"), 5.0)
+        assert isinstance(error, store.StoreError) and "(a character device)" in str(error)
+
+
+# What another program may do to a file while this process has it open: truncate it in
+# place, or copy another file over it the way `cp` does (truncate, then write), here a
+# shorter one and one of the same size. (safetensors' save_file used to write in place
+# too; it writes a new file and renames it since 0.6.)
+REWRITES = {
+    "truncate": "open(path, 'r+b').truncate(0)",
+    "cp-shorter": "st.save_file({'x': torch.zeros(3)}, path + '.new')\n"
+    "shutil.copyfile(path + '.new', path)",
+    "cp-same-size": "st.save_file({'x': torch.zeros_like(x)}, path + '.new')\n"
+    "shutil.copyfile(path + '.new', path)",
+}
+
+
+def run_after_rewrite(path: Path, load: str, rewrite: str) -> subprocess.CompletedProcess[str]:
+    """In a child: ``load`` the file at ``path`` into ``x`` (a tensor), ``rewrite`` the
+    file, then read every element of ``x`` and print its sum. A child, because reading a
+    mapped page that the rewrite cut off kills the process with SIGBUS."""
+    script = "\n".join(
+        [
+            "import shutil",
+            "import torch",
+            "import safetensors.torch as st",
+            "from emberfl import store",
+            "from emberfl.checkpoint import load_server_state",
+            f"path = {str(path)!r}",
+            f"x = {load}",
+            rewrite,
+            "print(float(x.double().sum()))",
+        ]
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_survived(proc: subprocess.CompletedProcess[str], expected: float) -> None:
+    assert proc.returncode != -signal.SIGBUS, "killed by SIGBUS"
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) == expected
+
+
+@pytest.mark.parametrize("rewrite", sorted(REWRITES))
+def test_small_files_are_read_so_a_rewrite_cannot_kill_the_reader(
+    tmp_path: Path, rewrite: str
+) -> None:
+    path = tmp_path / "small.safetensors"
+    x = torch.arange(256 * 1024, dtype=torch.float32)  # 1 MiB
+    store.save(path, {"x": x})
+    f = store.open_file(path)
+    assert not f.mapped and mapping_of(f["x"].data_ptr()) != str(path)
+    del f
+    proc = run_after_rewrite(path, "store.load(path)['x']", REWRITES[rewrite])
+    assert_survived(proc, float(x.double().sum()))
+
+
+@pytest.mark.parametrize("rewrite", sorted(REWRITES))
+def test_copy_true_reads_a_large_file_so_a_rewrite_cannot_kill_the_reader(
+    tmp_path: Path, rewrite: str
+) -> None:
+    path = tmp_path / "large.safetensors"
+    x = torch.arange(2 * 1024 * 1024, dtype=torch.float32)  # 8 MiB
+    store.save(path, {"x": x})
+    assert store.open_file(path).mapped
+    copied = store.open_file(path, copy=True)
+    assert not copied.mapped and torch.equal(copied["x"], x)
+    assert copied["x"].data_ptr() % 4096 == 0  # where a mapping would put it
+    proc = run_after_rewrite(path, "store.load(path, copy=True)['x']", REWRITES[rewrite])
+    assert_survived(proc, float(x.double().sum()))
+
+
+def test_resume_reads_the_server_state_into_memory(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    x = torch.arange(2 * 1024 * 1024, dtype=torch.float32)  # 8 MiB: would be mapped
+    store.save(checkpoint / "server.safetensors", {"x": x})
+    proc = run_after_rewrite(
+        checkpoint / "server.safetensors",
+        f"load_server_state(__import__('pathlib').Path({str(checkpoint)!r}))['x']",
+        REWRITES["truncate"],
+    )
+    assert_survived(proc, float(x.double().sum()))
+
+
+def _checkpointed_run(run_dir: Path) -> Path:
+    """A run stopped after round 2 of 4 with a checkpoint of round 2; its server file."""
+    from emberfl.simulation import Simulation, SimulationConfig
+
+    config = SimulationConfig.from_mapping(
+        {
+            "clients": 4,
+            "sample_ratio": 0.5,
+            "rounds": 4,
+            "runtime": "serial",
+            "progress": False,
+            "checkpoint_every": 2,
+            "seed": 3,
+        }
+    )
+    with Simulation(config, run_dir) as simulation:
+        for _ in range(2):
+            simulation.run_round()
+    server = run_dir / "checkpoint-2" / "server.safetensors"
+    assert server.is_file()
+    return server
+
+
+def _corrupt_with_huge_dimension(server: Path) -> None:
+    write_raw(server, {"round": empty_entry("I64", [0, 2**64 - 1])})
+
+
+def _corrupt_with_fifo(server: Path) -> None:
+    server.unlink()
+    os.mkfifo(server)
+
+
+@pytest.mark.parametrize(
+    "corrupt", [_corrupt_with_huge_dimension, _corrupt_with_fifo], ids=["huge-dim", "fifo"]
+)
+def test_resume_of_a_bad_server_file_is_one_line_and_status_2(
+    tmp_path: Path, corrupt: Callable[[Path], None]
+) -> None:
+    run_dir = tmp_path / "run"
+    server = _checkpointed_run(run_dir)
+    corrupt(server)
+    proc = subprocess.run(
+        [sys.executable, "-m", "emberfl", "resume", str(run_dir), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("emberfl: error: "), proc.stderr
+    assert str(server) in lines[0]

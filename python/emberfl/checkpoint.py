@@ -153,9 +153,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def load_server_state(path: Path) -> dict[str, torch.Tensor]:
-    """The server state tensors of the checkpoint directory ``path``."""
+    """The server state tensors of the checkpoint directory ``path``, read into memory:
+    a resumed run keeps them for its whole life, and a mapping would die with SIGBUS if
+    the file were rewritten in place meanwhile."""
     try:
-        return store.load(path / SERVER_FILE)
+        return store.load(path / SERVER_FILE, copy=True)
     except (OSError, store.StoreError) as exc:
         raise CheckpointError(f"cannot load {path / SERVER_FILE}: {exc}") from exc
 

@@ -10,10 +10,18 @@ Files are standard safetensors, laid out so that
 * every write goes to a temporary file in the target directory that is renamed over
   the target, so a published file is complete and never modified again.
 
-Loading maps the file privately (copy-on-write) and hands out torch tensors that are
+Loading maps a file privately (copy-on-write) and hands out torch tensors that are
 views of the mapping: no bytes are copied on the CPU, and writing into a returned
-tensor never reaches the file. The Rust core validates the whole header before any
-tensor is handed out; any problem raises :class:`StoreError`.
+tensor never reaches the file. A mapping is only as safe as the file's writer: a file
+that another program truncates or rewrites in place while it is mapped kills the
+reader with SIGBUS. emberfl's own files are never rewritten (see above), so the large
+ones (the server's per-round downlink, the workers' sum files) are mapped; files up to
+2 MiB are always read into memory (copying them costs about what mapping does), and
+``copy=True`` reads any file into memory, for files from elsewhere whose writer no one
+can vouch for. The Rust core validates the whole header before any tensor is handed
+out (shapes numpy can hold, at most 100,000 tensors, bounded metadata, offsets that
+tile the data section); any problem, including a path that is a FIFO, a directory or
+a device, raises :class:`StoreError`.
 """
 
 from __future__ import annotations
@@ -127,15 +135,17 @@ def save(
 
 
 class MappedFile(Mapping[str, torch.Tensor]):
-    """A validated, privately mapped safetensors file.
+    """A validated safetensors file, privately mapped or read into memory.
 
-    Behaves as a read-only mapping of names to CPU tensors that view the mapping. The
-    mapping stays alive as long as this object or any tensor taken from it does.
+    Behaves as a read-only mapping of names to CPU tensors that view the file's data
+    (the mapping, or the copy). That data stays alive as long as this object or any
+    tensor taken from it does. ``copy=True`` reads the file into memory however large
+    it is (see the module's docstring); :attr:`mapped` says which one happened.
     """
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, copy: bool = False) -> None:
         self.path = Path(path)
-        self._raw = _core.MappedFile(os.fspath(path))
+        self._raw = _core.MappedFile(os.fspath(path), copy)
         self.metadata: dict[str, str] = dict(self._raw.metadata)
         # name -> (index in file order, dtype name, shape, start, end)
         self._entries: dict[str, tuple[int, str, list[int], int, int]] = {
@@ -167,6 +177,11 @@ class MappedFile(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the tensors view a mapping of the file rather than a copy in memory."""
+        return self._raw.mapped
 
     def tensors(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """All tensors in file order; views of the mapping when ``device`` is CPU/None."""
@@ -202,14 +217,23 @@ class MappedFile(Mapping[str, torch.Tensor]):
         return f"MappedFile({str(self.path)!r}, tensors={len(self)})"
 
 
-def open_file(path: PathLike) -> MappedFile:
-    """Map and validate ``path``; the handle gives tensors, metadata and flat views."""
-    return MappedFile(path)
+def open_file(path: PathLike, copy: bool = False) -> MappedFile:
+    """Validate ``path`` and map it (or read it, see :class:`MappedFile`); the handle
+    gives tensors, metadata and flat views."""
+    return MappedFile(path, copy=copy)
 
 
-def load(path: PathLike, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-    """Load every tensor of ``path``: zero-copy views of a private mapping on the CPU."""
-    return MappedFile(path).tensors(device)
+def load(
+    path: PathLike, device: str | torch.device | None = None, copy: bool = False
+) -> dict[str, torch.Tensor]:
+    """Load every tensor of ``path``: on the CPU, views of a private mapping of a large
+    file, or of a copy in memory of a small one.
+
+    ``copy=True`` always reads the file into memory: for files from elsewhere, which
+    another program might truncate or rewrite in place while they are mapped (that
+    kills the reader with SIGBUS).
+    """
+    return MappedFile(path, copy=copy).tensors(device)
 
 
 def save_model(
@@ -223,8 +247,11 @@ def save_model(
     save(path, state, metadata=metadata, durable=durable)
 
 
-def load_model(model: torch.nn.Module, path: PathLike, strict: bool = True) -> torch.nn.Module:
-    """Copy the tensors of ``path`` into ``model`` (on whatever device it lives)."""
-    state = load(path)
+def load_model(
+    model: torch.nn.Module, path: PathLike, strict: bool = True, copy: bool = False
+) -> torch.nn.Module:
+    """Copy the tensors of ``path`` into ``model`` (on whatever device it lives);
+    ``copy`` as for :func:`load`."""
+    state = load(path, copy=copy)
     model.load_state_dict(state, strict=strict)
     return model

@@ -517,7 +517,8 @@ fn npy_type(d: Dtype) -> NPY_TYPES {
     }
 }
 
-/// A validated, privately mapped store file.
+/// A validated store file: privately mapped, or read into memory (files up to
+/// `store::READ_MAX_BYTES`, and any file opened with `copy=True`).
 #[pyclass(name = "MappedFile", module = "emberfl._core", frozen)]
 struct PyMappedFile {
     inner: store::MappedFile,
@@ -527,9 +528,15 @@ struct PyMappedFile {
 #[pymethods]
 impl PyMappedFile {
     #[new]
-    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+    #[pyo3(signature = (path, copy=false))]
+    fn new(py: Python<'_>, path: PathBuf, copy: bool) -> PyResult<Self> {
+        let access = if copy {
+            store::Access::Copy
+        } else {
+            store::Access::Auto
+        };
         let mut mapped = py
-            .detach(|| store::MappedFile::open(&path))
+            .detach(|| store::MappedFile::open_with(&path, access))
             .map_err(store_err)?;
         let data_addr = mapped.data_ptr() as usize;
         Ok(PyMappedFile {
@@ -541,6 +548,12 @@ impl PyMappedFile {
     #[getter]
     fn path(&self) -> PathBuf {
         self.inner.path.clone()
+    }
+
+    /// Whether the tensors are views of a mapping of the file (not of a copy in memory).
+    #[getter]
+    fn mapped(&self) -> bool {
+        self.inner.is_mapped()
     }
 
     /// `__metadata__` as a dict (empty when the file has none).
@@ -611,6 +624,17 @@ impl PyMappedFile {
     }
 }
 
+/// numpy's refusal of a shape the validator let through (numpy 1 allows 32 dimensions,
+/// not 64) as a `StoreError` naming the file and the tensor; other errors as they are.
+fn numpy_refused(owner: &Bound<'_, PyMappedFile>, t: &TensorInfo, e: PyErr) -> PyErr {
+    if !e.is_instance_of::<PyValueError>(owner.py()) {
+        return e;
+    }
+    let path = owner.get().inner.path.display().to_string();
+    let why = e.value(owner.py());
+    StoreError::new_err(format!("{path}: tensor {:?}: {why}", t.name))
+}
+
 /// A numpy array of tensor `t` of `owner`'s file (see `PyMappedFile::arrays`).
 fn tensor_array<'py>(
     owner: &Bound<'py, PyMappedFile>,
@@ -650,7 +674,8 @@ fn tensor_array<'py>(
             flags,
             std::ptr::null_mut(),
         );
-        let array = Bound::from_owned_ptr_or_err(py, ptr)?;
+        let array =
+            Bound::from_owned_ptr_or_err(py, ptr).map_err(|e| numpy_refused(owner, t, e))?;
         if view {
             let base = owner.clone().into_any().into_ptr();
             if PY_ARRAY_API.PyArray_SetBaseObject(py, ptr.cast(), base) < 0 {

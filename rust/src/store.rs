@@ -1,4 +1,5 @@
-//! Writing store files atomically and mapping them for zero-copy reads.
+//! Writing store files atomically, and opening them: mapped for zero-copy reads, or
+//! read into memory where a mapping could be cut short under the reader.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -28,11 +29,6 @@ pub enum StoreErrorKind {
     DuplicateName {
         name: String,
     },
-    /// `numel(shape) * itemsize` of a tensor to write overflows `usize`.
-    ShapeOverflow {
-        name: String,
-        shape: Vec<usize>,
-    },
     /// A tensor to write has a different number of bytes than its shape needs.
     DataSize {
         name: String,
@@ -47,15 +43,23 @@ pub enum StoreErrorKind {
     SyncDir(io::Error),
     Open(io::Error),
     Stat(io::Error),
-    NotAFile,
+    /// The path names something other than a regular file: `what` says what it is
+    /// ("a FIFO", "a directory", ...).
+    NotAFile {
+        what: &'static str,
+    },
     /// Reading the length prefix failed.
     Read(io::Error),
     /// Reading the JSON header failed.
     ReadHeader(io::Error),
-    /// The header is not valid.
+    /// Reading the data section into memory failed.
+    ReadData(io::Error),
+    /// The header is not valid; or, when writing, the tensors or metadata to write would
+    /// make one that is not (they break one of the limits of [`header`]).
     Header(HeaderError),
     Map(io::Error),
-    /// The file's length changed between the header check and the mapping.
+    /// The file's length changed between the header check and the mapping or reading of
+    /// its data.
     SizeChanged,
     /// The tensors of `dtype` do not form one byte range: tensor `between` splits them.
     NotContiguous {
@@ -85,9 +89,6 @@ impl fmt::Display for StoreErrorKind {
         match self {
             K::ReservedName => f.write_str("\"__metadata__\" is reserved and cannot name a tensor"),
             K::DuplicateName { name } => write!(f, "duplicate tensor name {name:?}"),
-            K::ShapeOverflow { name, shape } => {
-                write!(f, "tensor {name:?}: shape {shape:?} overflows")
-            }
             K::DataSize {
                 name,
                 given,
@@ -103,9 +104,10 @@ impl fmt::Display for StoreErrorKind {
             K::SyncDir(e) => write!(f, "fsync of directory failed: {e}"),
             K::Open(e) => write!(f, "cannot open: {e}"),
             K::Stat(e) => write!(f, "cannot stat: {e}"),
-            K::NotAFile => f.write_str("not a regular file"),
+            K::NotAFile { what } => write!(f, "not a regular file ({what})"),
             K::Read(e) => write!(f, "cannot read: {e}"),
             K::ReadHeader(e) => write!(f, "cannot read header: {e}"),
+            K::ReadData(e) => write!(f, "cannot read data: {e}"),
             K::Header(e) => e.fmt(f),
             K::Map(e) => write!(f, "cannot map: {e}"),
             K::SizeChanged => f.write_str("file changed size while being opened"),
@@ -127,6 +129,7 @@ impl std::error::Error for StoreErrorKind {
             | K::Stat(e)
             | K::Read(e)
             | K::ReadHeader(e)
+            | K::ReadData(e)
             | K::Map(e) => Some(e),
             K::Header(e) => Some(e),
             _ => None,
@@ -156,8 +159,12 @@ pub struct TensorRef<'a> {
 
 /// Lays tensors out grouped by dtype (see [`Dtype::WRITE_ORDER`]), keeping the given
 /// order inside each group. Returns the indices of `tensors` in file order and
-/// their header entries.
+/// their header entries. Refuses what the reader would refuse (the limits of
+/// [`header`]), so that every file written can be read back.
 fn layout(tensors: &[TensorRef<'_>]) -> Result<(Vec<usize>, Vec<TensorInfo>), StoreErrorKind> {
+    if tensors.len() > header::MAX_TENSORS {
+        return Err(HeaderError::TooManyTensors.into());
+    }
     let mut seen = HashSet::with_capacity(tensors.len());
     for t in tensors {
         if t.name == "__metadata__" {
@@ -168,11 +175,7 @@ fn layout(tensors: &[TensorRef<'_>]) -> Result<(Vec<usize>, Vec<TensorInfo>), St
                 name: t.name.to_owned(),
             });
         }
-        let expected =
-            header::byte_len(t.dtype, t.shape).ok_or_else(|| StoreErrorKind::ShapeOverflow {
-                name: t.name.to_owned(),
-                shape: t.shape.to_vec(),
-            })?;
+        let expected = header::check_shape(t.name, t.dtype, t.shape)?;
         if t.data.len() != expected {
             return Err(StoreErrorKind::DataSize {
                 name: t.name.to_owned(),
@@ -236,6 +239,9 @@ pub fn write_file(
     durable: bool,
 ) -> Result<(), StoreError> {
     let (order, infos) = layout(tensors).map_err(|e| e.at(path))?;
+    if let Some(meta) = metadata {
+        header::check_metadata(meta).map_err(|e| StoreErrorKind::from(e).at(path))?;
+    }
     let head = header::serialize(&infos, metadata);
     let tmp = temp_path_for(path);
     let result = (|| -> std::io::Result<()> {
@@ -265,77 +271,204 @@ pub fn write_file(
     Ok(())
 }
 
-/// Mappings up to this size are prefaulted (read-only) when opened; larger ones fault
-/// in as they are read, so mapping a big file costs no resident memory up front.
-pub const POPULATE_MAX_BYTES: usize = 2 << 20;
+/// Files up to this size are always read into memory rather than mapped: they are
+/// usually read whole right after they are opened (a client's model), so a copy adds
+/// little, and a copy cannot be cut short, whereas a mapped file that another program
+/// truncates or rewrites in place kills the reader with SIGBUS.
+pub const READ_MAX_BYTES: usize = 2 << 20;
 
-/// A validated store file mapped privately (copy-on-write): writes through the
-/// mapping never reach the file.
+/// How [`MappedFile::open_with`] gets at the data section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Map files larger than [`READ_MAX_BYTES`] (zero-copy; for files that are replaced
+    /// by rename and never rewritten in place, as the store's own are), read the others.
+    Auto,
+    /// Read the whole data section into memory, however large: for files whose writer
+    /// no one can vouch for.
+    Copy,
+}
+
+/// Where an open file's data section is.
+enum Data {
+    /// The data section is empty.
+    Empty,
+    /// A private (copy-on-write) mapping of the whole file.
+    Mapped(MmapMut),
+    /// The data section, read into `buf[start..start + len]`.
+    Owned {
+        buf: Vec<u8>,
+        start: usize,
+        len: usize,
+    },
+}
+
+/// A validated store file, mapped privately (copy-on-write) or read into memory (see
+/// [`Access`]): writes through [`MappedFile::data_ptr`] never reach the file.
 pub struct MappedFile {
     pub path: PathBuf,
     pub header: Header,
-    map: Option<MmapMut>,
+    data: Data,
+}
+
+/// What a file type is, for [`StoreErrorKind::NotAFile`].
+fn describe(t: fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a special file"
+    }
+}
+
+/// Opens `path` for reading. On Unix without blocking and without taking a controlling
+/// terminal, in case it was replaced by a FIFO or a device after it was checked: the
+/// caller checks again on the open file. A regular file reads the same either way.
+fn open_for_reading(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    }
+    options.open(path)
+}
+
+/// Reads `len` bytes from `file`'s position into a new buffer, placed so that the byte
+/// at `file_offset` of the file lands at the same address modulo [`DATA_ALIGNMENT`] as a
+/// mapping of the file would put it: tensors are then aligned exactly as when mapped.
+/// Running out of memory is an error, not an abort.
+///
+/// [`DATA_ALIGNMENT`]: header::DATA_ALIGNMENT
+fn read_data(file: &mut File, file_offset: usize, len: usize) -> Result<Data, StoreErrorKind> {
+    const ALIGN: usize = header::DATA_ALIGNMENT;
+    let out_of_memory = || StoreErrorKind::ReadData(io::ErrorKind::OutOfMemory.into());
+    let size = len.checked_add(ALIGN - 1).ok_or_else(out_of_memory)?;
+    let mut buf: Vec<u8> = Vec::new();
+    buf.try_reserve_exact(size).map_err(|_| out_of_memory())?;
+    let addr = buf.as_ptr() as usize;
+    // (file_offset - addr) mod ALIGN: `addr + start` is congruent to `file_offset`.
+    let start = file_offset.wrapping_sub(addr) % ALIGN;
+    buf.resize(start, 0);
+    // Read into the reserved capacity, which is not zeroed first. `take` stops the read
+    // at `len` bytes, which fit in that capacity, so the buffer is never reallocated.
+    let got = Read::by_ref(file)
+        .take(len as u64)
+        .read_to_end(&mut buf)
+        .map_err(StoreErrorKind::ReadData)?;
+    assert_eq!(buf.as_ptr() as usize, addr, "the read moved the buffer");
+    if got != len {
+        return Err(StoreErrorKind::SizeChanged);
+    }
+    Ok(Data::Owned { buf, start, len })
 }
 
 impl MappedFile {
+    /// Opens and validates `path` with [`Access::Auto`].
     pub fn open(path: &Path) -> Result<MappedFile, StoreError> {
-        let mut file = File::open(path).map_err(|e| StoreErrorKind::Open(e).at(path))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| StoreErrorKind::Stat(e).at(path))?
-            .len();
-        if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
-            return Err(StoreErrorKind::NotAFile.at(path));
+        MappedFile::open_with(path, Access::Auto)
+    }
+
+    /// Opens and validates `path`, getting at its data section as `access` says. A path
+    /// that is not a regular file (a FIFO, a directory, a device) is refused without
+    /// waiting on it.
+    pub fn open_with(path: &Path, access: Access) -> Result<MappedFile, StoreError> {
+        // Checked before opening: opening a FIFO blocks until a writer comes, and opening
+        // a device may do anything the device does on open.
+        let meta = fs::metadata(path).map_err(|e| StoreErrorKind::Open(e).at(path))?;
+        if !meta.is_file() {
+            let what = describe(meta.file_type());
+            return Err(StoreErrorKind::NotAFile { what }.at(path));
         }
-        // The header is read with plain reads and validated before anything is mapped.
+        let mut file = open_for_reading(path).map_err(|e| StoreErrorKind::Open(e).at(path))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| StoreErrorKind::Stat(e).at(path))?;
+        if !meta.is_file() {
+            let what = describe(meta.file_type());
+            return Err(StoreErrorKind::NotAFile { what }.at(path));
+        }
+        let file_len = meta.len();
+        // The header is read with plain reads and validated before any data is touched.
         let header = read_header(&mut file, file_len).map_err(|e| e.at(path))?;
-        // SAFETY: the mapping is private and we validated that the file is as long as
-        // the header says. Files written by this crate are published by rename and never
-        // modified afterwards, so the length cannot shrink under the mapping.
-        let map = if header.data_start as u64 == file_len {
-            None
+        // `parse` checked that the data section's length fits `usize`.
+        let data_len = (file_len - header.data_start as u64) as usize;
+        let data = if data_len == 0 {
+            Data::Empty
+        } else if access == Access::Copy || file_len <= READ_MAX_BYTES as u64 {
+            // `read_header` left the file's position at the start of the data section.
+            let data = read_data(&mut file, header.data_start, data_len).map_err(|e| e.at(path))?;
+            let now = file
+                .metadata()
+                .map_err(|e| StoreErrorKind::Stat(e).at(path))?
+                .len();
+            if now != file_len {
+                return Err(StoreErrorKind::SizeChanged.at(path));
+            }
+            data
         } else {
-            Some(
-                unsafe { MmapOptions::new().map_copy(&file) }
-                    .map_err(|e| StoreErrorKind::Map(e).at(path))?,
-            )
-        };
-        if let Some(m) = &map {
+            // SAFETY: the mapping is private, so our writes never reach the file, and we
+            // validated that the file is as long as the header says. What no check can
+            // rule out is another program truncating or rewriting the file in place while
+            // it is mapped (reading a page past the new end raises SIGBUS): only files
+            // larger than READ_MAX_BYTES are mapped, when the caller did not ask for a
+            // copy. The store's own files are published by rename and never modified
+            // afterwards, so their length cannot shrink under the mapping.
+            let m = unsafe { MmapOptions::new().map_copy(&file) }
+                .map_err(|e| StoreErrorKind::Map(e).at(path))?;
             if m.len() as u64 != file_len {
                 return Err(StoreErrorKind::SizeChanged.at(path));
             }
-            if m.len() <= POPULATE_MAX_BYTES {
-                // Small files are read whole right after mapping (a client's model); one
-                // madvise maps their page-cache pages read-only in a single call instead
-                // of a page fault per 16 pages. Unlike MAP_POPULATE it does not copy pages
-                // of the private mapping. Best effort: older kernels reject the advice,
-                // and it exists on Linux only (elsewhere pages fault in as read).
-                #[cfg(target_os = "linux")]
-                let _ = m.advise(memmap2::Advice::PopulateRead);
-            }
-        }
+            Data::Mapped(m)
+        };
         Ok(MappedFile {
             path: path.to_owned(),
             header,
-            map,
+            data,
         })
+    }
+
+    /// Whether the data section is a mapping of the file (rather than a copy in memory,
+    /// or empty).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.data, Data::Mapped(_))
     }
 
     /// The data section.
     pub fn data(&self) -> &[u8] {
-        match &self.map {
-            Some(m) => &m[self.header.data_start..],
-            None => &[],
+        match &self.data {
+            Data::Empty => &[],
+            Data::Mapped(m) => &m[self.header.data_start..],
+            Data::Owned { buf, start, len } => &buf[*start..*start + *len],
         }
     }
 
     /// Pointer to the start of the data section; valid for `data().len()` bytes as
-    /// long as `self` lives. Writable because the mapping is private.
+    /// long as `self` lives. Writable because the mapping is private (or the bytes are
+    /// our own copy).
     pub fn data_ptr(&mut self) -> *mut u8 {
-        let start = self.header.data_start;
-        match &mut self.map {
-            Some(m) => m[start..].as_mut_ptr(),
-            None => std::ptr::NonNull::<u64>::dangling().as_ptr().cast(),
+        let data_start = self.header.data_start;
+        match &mut self.data {
+            Data::Empty => std::ptr::NonNull::<u64>::dangling().as_ptr().cast(),
+            Data::Mapped(m) => m[data_start..].as_mut_ptr(),
+            Data::Owned { buf, start, len } => buf[*start..*start + *len].as_mut_ptr(),
         }
     }
 
@@ -639,7 +772,15 @@ mod tests {
         let e = MappedFile::open(&dir.path().join("absent")).err().unwrap();
         assert!(matches!(e.kind, StoreErrorKind::Open(_)), "{e:?}");
         let e = MappedFile::open(dir.path()).err().unwrap();
-        assert!(matches!(e.kind, StoreErrorKind::NotAFile), "{e:?}");
+        assert!(
+            matches!(
+                e.kind,
+                StoreErrorKind::NotAFile {
+                    what: "a directory"
+                }
+            ),
+            "{e:?}"
+        );
 
         // Another writer may interleave dtypes; build such a file by hand.
         let infos = [
@@ -679,5 +820,181 @@ mod tests {
             "{e:?}"
         );
         assert_eq!(m.dtype_range(Dtype::I32).unwrap(), Some((4, 8)));
+    }
+
+    /// Opens `path` on another thread and waits at most `secs` for the answer, so that an
+    /// open that blocks fails the test instead of hanging it.
+    fn open_within(path: &Path, secs: u64) -> Result<MappedFile, StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.to_owned();
+        std::thread::spawn(move || {
+            let _ = tx.send(MappedFile::open(&p));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(secs))
+            .unwrap_or_else(|_| panic!("opening {} blocked", path.display()))
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_or_a_device_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.safetensors");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let e = open_within(&fifo, 10).err().unwrap();
+        assert!(
+            matches!(e.kind, StoreErrorKind::NotAFile { what: "a FIFO" }),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!("{}: not a regular file (a FIFO)", fifo.display())
+        );
+        let null = Path::new("/dev/null");
+        if null.exists() {
+            let e = open_within(null, 10).err().unwrap();
+            assert!(
+                matches!(
+                    e.kind,
+                    StoreErrorKind::NotAFile {
+                        what: "a character device"
+                    }
+                ),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn small_files_are_read_and_large_ones_mapped_unless_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small.safetensors");
+        let b = f32_bytes(&[1.5; 1024]);
+        write_one_f32(&small, "x", &[1024], &b);
+        let mut m = MappedFile::open(&small).unwrap();
+        assert!(!m.is_mapped());
+        assert_eq!(m.data(), b.as_slice());
+        // A copy sits where a mapping would put the data section: page aligned here.
+        assert_eq!(m.data_ptr() as usize % header::DATA_ALIGNMENT, 0);
+
+        let large = dir.path().join("large.safetensors");
+        let n = READ_MAX_BYTES / 4 + 1;
+        let b: Vec<u8> = (0..n as u32)
+            .flat_map(|i| (i as f32).to_le_bytes())
+            .collect();
+        write_one_f32(&large, "x", &[n], &b);
+        let m = MappedFile::open(&large).unwrap();
+        assert!(m.is_mapped());
+        assert_eq!(m.data(), b.as_slice());
+        let mut c = MappedFile::open_with(&large, Access::Copy).unwrap();
+        assert!(!c.is_mapped());
+        assert_eq!(c.data(), b.as_slice());
+        assert_eq!(c.data_ptr() as usize % header::DATA_ALIGNMENT, 0);
+        assert_eq!(c.header, m.header);
+    }
+
+    #[test]
+    fn a_copy_keeps_the_alignment_a_mapping_would_have() {
+        // Another writer's header need not end on a page boundary: the data section of
+        // this file starts 8 + 61 bytes in.
+        let json = br#"{"a":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}"#;
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(json);
+        bytes.extend_from_slice(&[7, 8, 9]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("packed.safetensors");
+        fs::write(&path, &bytes).unwrap();
+        let mut m = MappedFile::open(&path).unwrap();
+        assert_eq!(m.data(), [7, 8, 9]);
+        let data_start = 8 + json.len();
+        assert_eq!(
+            m.data_ptr() as usize % header::DATA_ALIGNMENT,
+            data_start % header::DATA_ALIGNMENT
+        );
+    }
+
+    #[test]
+    fn read_files_keep_their_bytes_when_the_file_is_truncated() {
+        // A mapped page past a truncated file's new end raises SIGBUS when read: the
+        // small file and the copied large one must not be mapped at all.
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small.safetensors");
+        let b = f32_bytes(&[2.5; 4096]);
+        write_one_f32(&small, "x", &[4096], &b);
+        let large = dir.path().join("large.safetensors");
+        let n = READ_MAX_BYTES / 4 * 2;
+        let big = f32_bytes(&vec![3.5; n]);
+        write_one_f32(&large, "x", &[n], &big);
+        let m = MappedFile::open(&small).unwrap();
+        let c = MappedFile::open_with(&large, Access::Copy).unwrap();
+        for p in [&small, &large] {
+            OpenOptions::new()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_len(0)
+                .unwrap();
+        }
+        assert_eq!(m.data(), b.as_slice());
+        assert_eq!(c.data(), big.as_slice());
+    }
+
+    #[test]
+    fn writes_refuse_what_reads_would_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let shape = [1usize; header::MAX_NDIM + 1];
+        let e = write_file(
+            &path,
+            &[TensorRef {
+                name: "deep",
+                dtype: Dtype::U8,
+                shape: &shape,
+                data: &[0],
+            }],
+            None,
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                &e.kind,
+                StoreErrorKind::Header(HeaderError::TooManyDims { name, ndim: 65 }) if name == "deep"
+            ),
+            "{e:?}"
+        );
+        let e = write_file(
+            &path,
+            &[TensorRef {
+                name: "wide",
+                dtype: Dtype::F32,
+                shape: &[0, 1 << 62],
+                data: &[],
+            }],
+            None,
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                &e.kind,
+                StoreErrorKind::Header(HeaderError::ShapeOverflow { .. })
+            ),
+            "{e:?}"
+        );
+        let big = vec![("k".to_string(), "x".repeat(header::MAX_METADATA_BYTES))];
+        let e = write_file(&path, &[], Some(&big), false).unwrap_err();
+        assert!(
+            matches!(
+                e.kind,
+                StoreErrorKind::Header(HeaderError::MetadataTooLarge { bytes })
+                    if bytes == header::MAX_METADATA_BYTES + 1
+            ),
+            "{e:?}"
+        );
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
