@@ -87,7 +87,7 @@ def _rank_main(rank: int, world: int, tmp: str) -> None:
                 torch.ones(4, dtype=torch.bfloat16),
                 "global",
             )
-        got = broadcast_package(package, src=0)
+        got = broadcast_package(package, src=0, types=[_Package])  # the test's own type
         assert (got.round, got.note) == (3, "global")
         # Every rank folds the clients assigned to it; the last rank may fold nothing.
         contributions = _contributions()

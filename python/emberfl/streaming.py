@@ -286,6 +286,13 @@ class StreamingSum:
         """The terms' names, in order (empty until a contribution is folded)."""
         return self._names
 
+    def term_length(self, name: str) -> int | None:
+        """Elements in term ``name``'s sum; ``None`` while this sum has no such term
+        (what :meth:`merge_term_bytes` accepts is ``48 + 16 *`` that many bytes)."""
+        if name not in self._names:
+            return None
+        return len(self._sums[self._names.index(name)])
+
     @property
     def sums(self) -> list[torch.Tensor]:
         """The sums as float32 vectors (each rounded once), in :attr:`names` order."""

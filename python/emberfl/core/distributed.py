@@ -14,8 +14,12 @@ The building blocks of a multi-rank round, each called by every rank of the grou
   rank whatever the number of clients, and the same bits for any world size;
 * :func:`gather_bytes` -- small per-rank results (the clients' stand-ins) to one rank.
 
-Ranks must run on a trusted private network: torch.distributed's store and gloo have no
-authentication, and package skeletons are pickles (only ever those of this job's ranks).
+What a rank receives is decoded by :mod:`emberfl.core.peer_codec`: layouts are JSON,
+skeletons go through its restricted unpickler (an allow-list of types, tensors only
+from the buffers received), and every length is checked before a buffer is allocated;
+a bad one raises :class:`~emberfl.core.peer_codec.PeerDataError` naming the rank.
+torch.distributed's store and gloo have no authentication: firewall their ports to
+the job's nodes.
 """
 
 from __future__ import annotations
@@ -23,13 +27,23 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from emberfl.core.packages import join_package, split_package
+from emberfl.core.packages import split_package
+from emberfl.core.peer_codec import (
+    BUFFER_LIMIT,
+    MESSAGE_LIMIT,
+    Layout,
+    PeerDataError,
+    check_layout,
+    check_length,
+    load_skeleton,
+    read_json,
+)
 from emberfl.streaming import StreamingSum
 
 __all__ = [
@@ -41,6 +55,8 @@ __all__ = [
     "describe_package",
     "gather_bytes",
 ]
+
+_EXACT_HEADER = 48  # bytes before the values in ExactSum.to_bytes' format
 
 
 def assign_clients(
@@ -76,19 +92,16 @@ def _device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _broadcast_bytes(data: bytes | None, src: int, group: Any) -> bytes:
+def _broadcast_bytes(data: bytes | None, src: int, group: Any, what: str) -> bytes:
     dev = _device(group)
     size = torch.tensor([0 if data is None else len(data)], dtype=torch.int64, device=dev)
     dist.broadcast(size, src, group=group)
-    buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+    length = check_length(int(size.item()), src, what, MESSAGE_LIMIT)
+    buf = torch.empty(length, dtype=torch.uint8, device=dev)
     if data is not None:
         buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     dist.broadcast(buf, src, group=group)
     return buf.cpu().numpy().tobytes()
-
-
-#: A package's tensors as they travel: ``[key, dtype, shape]`` each, in order.
-Layout = list[tuple[str, str, list[int]]]
 
 
 def describe_package(package: Any) -> tuple[bytes, Layout, dict[str, torch.Tensor]]:
@@ -111,7 +124,10 @@ def broadcast_tensors(
 ) -> dict[str, torch.Tensor]:
     """Rank ``src``'s ``tensors`` on every rank (the others pass ``None``; all know the
     ``layout``): one contiguous buffer per dtype, in a fixed order, so a model moves in
-    one collective per dtype whatever its number of tensors."""
+    one collective per dtype whatever its number of tensors. A receiver checks the
+    layout (:func:`~emberfl.core.peer_codec.check_layout`) before allocating."""
+    if tensors is None:
+        layout = check_layout(layout, src)
     dev = _device(group)
     by_dtype: dict[str, list[tuple[str, list[int]]]] = {}
     for key, dtype, shape in layout:
@@ -133,17 +149,24 @@ def broadcast_tensors(
     return received
 
 
-def broadcast_package(package: Any, src: int = 0, group: Any = None) -> Any:
+def broadcast_package(
+    package: Any, src: int = 0, group: Any = None, *, types: Iterable[type] = ()
+) -> Any:
     """``package`` of rank ``src``, on every rank (the others pass ``None``): its
-    skeleton and layout, then :func:`broadcast_tensors`."""
+    skeleton and layout, then :func:`broadcast_tensors`. The others rebuild it with
+    :func:`~emberfl.core.peer_codec.load_skeleton`: its classes must be emberfl's, plain
+    builtins, ``types`` or declared with
+    :func:`~emberfl.core.peer_codec.allow_peer_types`."""
     skeleton = layout_json = None
     tensors = None
     if dist.get_rank(group) == src:
         skeleton, layout, tensors = describe_package(package)
         layout_json = json.dumps(layout).encode()
-    skeleton = _broadcast_bytes(skeleton, src, group)
-    layout = [(k, d, list(s)) for k, d, s in json.loads(_broadcast_bytes(layout_json, src, group))]
-    return join_package(skeleton, broadcast_tensors(layout, tensors, src, group))
+    skeleton = _broadcast_bytes(skeleton, src, group, "a package skeleton")
+    layout_data = _broadcast_bytes(layout_json, src, group, "a tensor layout")
+    layout = read_json(layout_data, src, "a tensor layout")
+    received = broadcast_tensors(layout, tensors, src, group)
+    return load_skeleton(skeleton, received, sender=src, types=types)
 
 
 def combine_sums(
@@ -179,23 +202,51 @@ def combine_sums(
                     dist.send(torch.from_numpy(held[name]).to(dev), peer, group=group)
             return None
         if relative + step < world:
-            peer = _global((relative + step + dst) % world, group)
+            sender = (relative + step + dst) % world
+            peer = _global(sender, group)
             header = torch.zeros(1 + len(names), dtype=torch.int64, device=dev)
             dist.recv(header, peer, group=group)
-            count += int(header[0])
-            for name, length in zip(names, header[1:].tolist(), strict=True):
+            got, *lengths = (int(v) for v in header.tolist())
+            if got < 0:
+                raise PeerDataError(sender, f"a sum of {got} contributions: a negative count")
+            count += got
+            for name, length in zip(names, lengths, strict=True):
+                _check_term_length(sums, name, length, sender)
                 if length:
-                    data = torch.empty(int(length), dtype=torch.uint8, device=dev)
+                    data = torch.empty(length, dtype=torch.uint8, device=dev)
                     dist.recv(data, peer, group=group)
-                    sums.merge_term_bytes(name, data.cpu(), where="combine_sums")
+                    sums.merge_term_bytes(name, data.cpu(), where=f"rank {sender}'s sums")
         step *= 2
     sums.count = count
     return sums
 
 
-def gather_bytes(data: bytes, dst: int = 0, group: Any = None) -> list[bytes] | None:
+def _check_term_length(sums: StreamingSum, name: str, length: int, sender: int) -> None:
+    """A term's byte length from ``sender``, checked before it is allocated: an exact
+    sum of ``n`` values is ``48 + 16 n`` bytes, and ``n`` is this rank's own when it
+    holds that term already (0: the sender folded nothing)."""
+    if length == 0:
+        return
+    what = f"term {name!r}'s sum"
+    held = sums.term_length(name)
+    if held is not None and length != _EXACT_HEADER + 16 * held:
+        raise PeerDataError(
+            sender,
+            f"{what} of {length} bytes, where this rank's of {held} values has "
+            f"{_EXACT_HEADER + 16 * held}",
+        )
+    check_length(length, sender, what, BUFFER_LIMIT)
+    if length < _EXACT_HEADER or (length - _EXACT_HEADER) % 16:
+        raise PeerDataError(sender, f"{what} of {length} bytes, which no exact sum has")
+
+
+def gather_bytes(
+    data: bytes, dst: int = 0, group: Any = None, *, limit: int = MESSAGE_LIMIT
+) -> list[bytes] | None:
     """Every rank's ``data``, in rank order, on rank ``dst`` (the others get ``None``):
-    each rank sends its length and bytes to ``dst``, no collective."""
+    each rank sends its length and bytes to ``dst``, no collective. A length over
+    ``limit`` (or negative) raises :class:`~emberfl.core.peer_codec.PeerDataError`
+    before anything is allocated."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     dev = _device(group)
     if rank != dst:
@@ -212,8 +263,9 @@ def gather_bytes(data: bytes, dst: int = 0, group: Any = None) -> list[bytes] | 
             continue
         size = torch.zeros(1, dtype=torch.int64, device=dev)
         dist.recv(size, _global(r, group), group=group)
-        buf = torch.empty(int(size), dtype=torch.uint8, device=dev)
-        if int(size):
+        length = check_length(int(size.item()), r, "a message", limit)
+        buf = torch.empty(length, dtype=torch.uint8, device=dev)
+        if length:
             dist.recv(buf, _global(r, group), group=group)
         parts.append(buf.cpu().numpy().tobytes())
     return parts

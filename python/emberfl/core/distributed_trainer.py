@@ -29,9 +29,16 @@ terms, the downlink's skeleton and tensor layout) in the job's store, and then e
 
 Rank 0 hands the merged round to the fold's sink and its stand-ins to ``uplink_package``
 in client order, as a one-machine trainer does. The sums are exact, so the model is
-the same bits for any number of ranks, workers per rank and runtime. Every tensor
-crosses the network raw; the stand-ins' skeletons are pickles, which only ranks of the
-job send, on the trusted network the job runs on.
+the same bits for any number of ranks, workers per rank and runtime.
+
+Every tensor crosses the network raw, by the dtypes and shapes of the round header.
+The header (:class:`RoundHeader`) and each rank's stand-ins (:func:`write_stand_ins`)
+are JSON, checked field by field on arrival; the package skeletons in them are rebuilt
+by :func:`~emberfl.core.peer_codec.load_skeleton`, whose unpickler knows only
+emberfl's types, plain builtins, torch dtypes and the job's own package types (the
+local trainer's generic arguments, ``package_types`` and
+:func:`~emberfl.core.peer_codec.allow_peer_types`). Anything else stops the job with a
+:class:`~emberfl.core.peer_codec.PeerDataError` naming the rank that sent it.
 """
 
 from __future__ import annotations
@@ -39,9 +46,10 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import pickle
-from collections.abc import Callable
-from typing import Any
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -56,13 +64,147 @@ from emberfl.core.distributed import (
 )
 from emberfl.core.errors import RankFailedError
 from emberfl.core.fold import FoldedRound, FoldTerm, UplinkFold, WireStandIn, read_fold
-from emberfl.core.packages import join_package, tensor_bytes
+from emberfl.core.packages import tensor_bytes
+from emberfl.core.peer_codec import (
+    Layout,
+    PeerDataError,
+    check_layout,
+    declared_package_types,
+    load_skeleton,
+    read_base64,
+    read_json,
+)
 from emberfl.core.rank_watch import RankWatch
 from emberfl.streaming import StreamingSum
 
-__all__ = ["DistributedClientTrainer"]
+__all__ = ["DistributedClientTrainer", "RoundHeader", "read_stand_ins", "write_stand_ins"]
 
 SERVER = 0
+
+_STOP = json.dumps({"op": "stop"})
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return type(value) is int  # not a bool
+
+
+@dataclass(frozen=True)
+class RoundHeader:
+    """What rank 0 posts in the job's store before each round, as JSON: the round's
+    index, clients and their costs, the fold's terms, and the downlink's skeleton and
+    tensor layout (:func:`~emberfl.core.distributed.describe_package`)."""
+
+    round: int
+    cids: list[int]
+    costs: list[float] | None
+    terms: tuple[FoldTerm, ...]
+    skeleton: bytes
+    layout: Layout
+
+    def encode(self) -> str:
+        return json.dumps(
+            {
+                "op": "round",
+                "round": self.round,
+                "cids": self.cids,
+                "costs": self.costs,
+                "terms": [[t.name, t.field, t.weight] for t in self.terms],
+                "skeleton": base64.b64encode(self.skeleton).decode("ascii"),
+                "layout": self.layout,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> RoundHeader | None:
+        """The header in ``data`` (``None``: rank 0 closed the job), every field
+        checked: anyone who reaches the store can write it."""
+        obj = read_json(data, SERVER, "a round header")
+        if not isinstance(obj, dict) or obj.get("op") not in ("round", "stop"):
+            raise PeerDataError(SERVER, "a round header with no known op")
+        if obj["op"] == "stop":
+            return None
+
+        def bad(what: str) -> PeerDataError:
+            return PeerDataError(SERVER, f"a round header with {what}")
+
+        index, cids, costs = obj.get("round"), obj.get("cids"), obj.get("costs")
+        if not _is_int(index) or index < 0:
+            raise bad(f"the round index {index!r}")
+        if not isinstance(cids, list) or not cids or not all(_is_int(c) and c >= 0 for c in cids):
+            raise bad("clients that are not a list of client ids")
+        if costs is not None and not (
+            isinstance(costs, list)
+            and len(costs) == len(cids)
+            and all(type(c) in (int, float) and math.isfinite(c) and c >= 0 for c in costs)
+        ):
+            raise bad("costs that are not one finite number >= 0 per client")
+        raw = obj.get("terms")
+        if not isinstance(raw, list) or not all(
+            isinstance(t, list) and len(t) == 3 and isinstance(t[0], str) and isinstance(t[1], str)
+            for t in raw
+        ):
+            raise bad("fold terms that are not [name, field, weight] triples")
+        try:
+            terms = UplinkFold(tuple(FoldTerm(*t) for t in raw)).terms
+        except (TypeError, ValueError) as exc:
+            raise bad(f"fold terms that no fold has ({exc})") from None
+        return cls(
+            round=index,
+            cids=cids,
+            costs=None if costs is None else [float(c) for c in costs],
+            terms=terms,
+            skeleton=read_base64(obj.get("skeleton"), SERVER, "a round header's skeleton"),
+            layout=check_layout(obj.get("layout"), SERVER),
+        )
+
+
+#: One client's stand-in as a rank sends it: its position in the round, its wire
+#: skeleton (:meth:`UplinkFold.wire_skeleton`) and the names of its NaN/Inf terms.
+WireEntry = tuple[int, bytes, tuple[str, ...]]
+
+
+def write_stand_ins(entries: list[WireEntry]) -> bytes:
+    """A rank's stand-ins, as JSON, for :func:`read_stand_ins` on rank 0."""
+    return json.dumps(
+        [[p, base64.b64encode(skeleton).decode("ascii"), list(bad)] for p, skeleton, bad in entries]
+    ).encode()
+
+
+def read_stand_ins(
+    data: bytes,
+    sender: int,
+    positions: list[int],
+    terms: Iterable[str],
+    types: Iterable[type] = (),
+) -> list[tuple[int, Any, tuple[str, ...]]]:
+    """The stand-ins rank ``sender`` sent (``data``), rebuilt around ``meta`` tensors:
+    ``(position, stand-in, NaN/Inf terms)`` each. They must be one per position the
+    round gave that rank (``positions``, in order), naming only ``terms``; their
+    skeletons go through :func:`~emberfl.core.peer_codec.load_skeleton`."""
+    obj = read_json(data, sender, "a list of stand-ins")
+    names = set(terms)
+    if not isinstance(obj, list) or len(obj) != len(positions):
+        raise PeerDataError(sender, f"a list of stand-ins that does not hold {len(positions)}")
+    types = tuple(types)
+    out = []
+    for entry, expected in zip(obj, positions, strict=True):
+        if not (isinstance(entry, list) and len(entry) == 3 and _is_int(entry[0])) or (
+            entry[0] != expected
+        ):
+            raise PeerDataError(sender, f"a stand-in that is not one for position {expected}")
+        _, text, bad = entry
+        if not (isinstance(bad, list) and all(isinstance(b, str) and b in names for b in bad)):
+            raise PeerDataError(sender, f"a stand-in whose NaN/Inf terms {bad!r} are no terms")
+        skeleton = read_base64(text, sender, "a stand-in's skeleton")
+        load = functools.partial(load_skeleton, tensors={}, sender=sender, types=types)
+        try:
+            stand_in = WireStandIn(skeleton, tuple(bad)).package(load)
+        except PeerDataError:
+            raise
+        except (TypeError, ValueError) as exc:  # not a dataclass or mapping, a bad shape
+            raise PeerDataError(sender, f"a stand-in that is not one ({exc})") from None
+        out.append((expected, stand_in, tuple(bad)))
+    return out
 
 
 class DistributedClientTrainer:
@@ -71,6 +213,10 @@ class DistributedClientTrainer:
     ``client_cost(cid)`` estimates a client's work (e.g. its sample count) for
     balancing the ranks (default: 1 each); only rank 0's is used. ``watch`` is the
     job's :class:`RankWatch` (default: one on the default process group's store).
+    ``package_types`` are classes that packages from other ranks may hold besides
+    emberfl's own, plain builtins and the classes among ``local``'s generic arguments
+    (``BaseClientTrainer[MyUplink, MyDownlink]``); see
+    :func:`~emberfl.core.peer_codec.allow_peer_types`.
     """
 
     def __init__(
@@ -80,6 +226,7 @@ class DistributedClientTrainer:
         group: Any = None,
         watch: RankWatch | None = None,
         client_cost: Callable[[int], float] | None = None,
+        package_types: Iterable[type] = (),
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError(
@@ -92,6 +239,7 @@ class DistributedClientTrainer:
         self.world_size = dist.get_world_size(group)
         self.watch = watch or RankWatch(self.rank, self.world_size)
         self.client_cost = client_cost
+        self.package_types = (*package_types, *declared_package_types(local))
         self.uplink_fold: UplinkFold | None = None
         self.cache: list[Any] = []
         #: Bytes the last round moved between ranks (model out, sums and stand-ins in).
@@ -135,17 +283,9 @@ class DistributedClientTrainer:
             )
         costs = [float(self.client_cost(c)) for c in cids] if self.client_cost else None
         skeleton, layout, tensors = describe_package(payload)
-        header = {
-            "op": "round",
-            "round": self._rounds_run,
-            "cids": cids,
-            "costs": costs,
-            "terms": [[t.name, t.field, t.weight] for t in fold.terms],
-            "skeleton": base64.b64encode(skeleton).decode("ascii"),
-            "layout": layout,
-        }
-        self._guarded(lambda: self._post(header), "posting a round")
-        folded = self._guarded(lambda: self._round(header, tensors), f"round {header['round']}")
+        header = RoundHeader(self._rounds_run, cids, costs, fold.terms, skeleton, layout)
+        self._guarded(lambda: self._post(header.encode()), "posting a round")
+        folded = self._guarded(lambda: self._round(header, tensors), f"round {header.round}")
         assert folded is not None
         self._rounds_run += 1
         self.cache = list(folded.stand_ins)
@@ -168,30 +308,29 @@ class DistributedClientTrainer:
         rounds = 0
         while True:
             header = self._guarded(self._next_header, "waiting for rank 0's next round")
-            if header["op"] == "stop":
+            if header is None:
                 return rounds
-            self._guarded(functools.partial(self._round, header, None), f"round {header['round']}")
+            self._guarded(functools.partial(self._round, header, None), f"round {header.round}")
             rounds += 1
 
     # -- one round, on every rank ---------------------------------------------------
 
     def _round(
-        self, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None
+        self, header: RoundHeader, tensors: dict[str, torch.Tensor] | None
     ) -> FoldedRound | None:
-        cids: list[int] = header["cids"]
-        positions = assign_clients(list(range(len(cids))), header["costs"], self.world_size)
+        cids, terms = header.cids, header.terms
+        positions = assign_clients(list(range(len(cids))), header.costs, self.world_size)
         mine = positions[self.rank]
         # Every rank is here before the broadcast: a collective waits for a silent rank
         # as long as its timeout, a meeting in the store only ``watch.timeout``.
-        self.watch.meet(f"start/{self._seq}", f"starting round {header['round']}")
-        layout = [(k, d, list(shape)) for k, d, shape in header["layout"]]
+        self.watch.meet(f"start/{self._seq}", f"starting round {header.round}")
         received = self._collective(
-            lambda: broadcast_tensors(layout, tensors, SERVER, self.group), "receiving the model"
+            lambda: broadcast_tensors(header.layout, tensors, SERVER, self.group),
+            "receiving the model",
         )
-        payload = join_package(base64.b64decode(header["skeleton"]), received)
-        terms = tuple(FoldTerm(n, f, w) for n, f, w in header["terms"])
-        local = self._train([cids[i] for i in mine], payload, terms, header["round"])
-        self.watch.meet(f"trained/{self._seq}", f"waiting for round {header['round']}'s ranks")
+        payload = load_skeleton(header.skeleton, received, sender=SERVER, types=self.package_types)
+        local = self._train([cids[i] for i in mine], payload, terms, header.round)
+        self.watch.meet(f"trained/{self._seq}", f"waiting for round {header.round}'s ranks")
         names = [t.name for t in terms]
         total = self._collective(
             lambda: combine_sums(local.sums, names, self.group, dst=SERVER), "combining sums"
@@ -203,7 +342,7 @@ class DistributedClientTrainer:
             for i, s in enumerate(local.stand_ins)
         ]  # fmt: skip
         gathered = self._collective(
-            lambda: gather_bytes(pickle.dumps(wires), SERVER, self.group), "sending stand-ins"
+            lambda: gather_bytes(write_stand_ins(wires), SERVER, self.group), "sending stand-ins"
         )
         if gathered is None or total is None:
             return None
@@ -221,10 +360,12 @@ class DistributedClientTrainer:
         for r, data in enumerate(gathered):
             if r == SERVER:
                 continue
-            for position, skeleton, bad in pickle.loads(data):
-                stand_ins[position] = WireStandIn(skeleton, tuple(bad)).package()
+            for position, stand_in, bad in read_stand_ins(
+                data, r, positions[r], names, self.package_types
+            ):
+                stand_ins[position] = stand_in
                 if bad:
-                    skipped[position] = tuple(bad)
+                    skipped[position] = bad
         return FoldedRound(total, stand_ins, dict(sorted(skipped.items())))
 
     def _collective(self, step: Callable[[], Any], what: str) -> Any:
@@ -259,15 +400,14 @@ class DistributedClientTrainer:
 
     # -- control messages -----------------------------------------------------------
 
-    def _post(self, header: dict[str, Any]) -> None:
-        self.watch.post(f"cmd/{self._seq}", json.dumps(header))
+    def _post(self, header: str) -> None:
+        self.watch.post(f"cmd/{self._seq}", header)
         self._seq += 1
 
-    def _next_header(self) -> dict[str, Any]:
+    def _next_header(self) -> RoundHeader | None:
         data = self.watch.get(f"cmd/{self._seq}", SERVER, "waiting for rank 0's next round")
         self._seq += 1
-        header: dict[str, Any] = json.loads(data)
-        return header
+        return RoundHeader.decode(data)
 
     def _guarded(self, step: Callable[[], Any], what: str) -> Any:
         """Run ``step``; on any failure tell the other ranks (so they stop at once)."""
@@ -296,7 +436,7 @@ class DistributedClientTrainer:
         self._closed = True
         try:
             if self.is_server and not self._aborted:
-                self._post({"op": "stop"})
+                self._post(_STOP)
         finally:
             try:
                 close = getattr(self.local, "close", None)

@@ -113,7 +113,14 @@ class _Shape:
     dtype: str
 
     def meta(self) -> torch.Tensor:
-        return torch.empty(self.shape, dtype=getattr(torch, self.dtype), device="meta")
+        # Checked here: a stand-in from another rank is rebuilt without __init__.
+        dtype = getattr(torch, self.dtype, None) if isinstance(self.dtype, str) else None
+        shape = self.shape
+        if not isinstance(dtype, torch.dtype) or not (
+            isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)
+        ):
+            raise ValueError(f"a stand-in's tensor of shape {shape!r} and dtype {self.dtype!r}")
+        return torch.empty(shape, dtype=dtype, device="meta")
 
 
 @dataclass(frozen=True)
@@ -125,12 +132,13 @@ class WireStandIn:
     skeleton: bytes
     bad_terms: tuple[str, ...]
 
-    def package(self) -> Any:
-        """The stand-in, rebuilt around data-less ``meta`` tensors."""
-        return map_fields(
-            join_package(self.skeleton, {}),
-            lambda _, v: v.meta() if isinstance(v, _Shape) else v,
-        )
+    def package(self, load: Callable[[bytes], Any] | None = None) -> Any:
+        """The stand-in, rebuilt around data-less ``meta`` tensors; ``load`` unpickles
+        the skeleton (default: :func:`~emberfl.core.packages.join_package`, for this
+        machine's workers; another rank's goes through
+        :func:`~emberfl.core.peer_codec.load_skeleton`)."""
+        skeleton = join_package(self.skeleton, {}) if load is None else load(self.skeleton)
+        return map_fields(skeleton, lambda _, v: v.meta() if isinstance(v, _Shape) else v)
 
 
 @dataclass(frozen=True)
