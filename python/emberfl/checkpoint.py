@@ -16,6 +16,12 @@ checkpoint's round) and ``manifest.json``, written last.
 :class:`RunDirLock` keeps one writer per run directory: an exclusive ``flock`` on
 ``<run_dir>/.lock``, which holds the holder's process id. The operating system
 releases it when the holder exits or dies, so a crash never leaves a stale lock.
+
+Others may write a run directory (it often lives on a shared file system), so no run
+file is opened, copied, linked or deleted through a symbolic link: a link where a run
+file, checkpoint or ``client_state`` belongs raises
+:class:`~emberfl.fileio.UnsafePathError` naming it, and nothing is written through
+it; the lock file must be a regular file of the user's own with no other name.
 """
 
 from __future__ import annotations
@@ -40,13 +46,17 @@ import torch
 from emberfl import __version__, store
 from emberfl.core.client_trainer import set_rounds_run
 from emberfl.fileio import (
+    UnsafePathError,
     atomic_copy,
     atomic_write_text,
     fsync_dir,
     fsync_file,
     is_temp_name,
     make_temp_dir,
+    open_fd_nofollow,
+    open_nofollow,
     publish_dir,
+    refuse_symlink,
 )
 from emberfl.metrics import METRICS_FILE
 
@@ -114,13 +124,15 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     directory = Path(run_dir)
     pointer = directory / LATEST_FILE
     try:
-        name = pointer.read_text(encoding="utf-8").strip()
+        with open_nofollow(pointer, "r", encoding="utf-8") as fh:
+            name = fh.read().strip()
     except FileNotFoundError:
         return None
     if _CHECKPOINT_RE.fullmatch(name) is None:
         raise CheckpointError(f"{pointer} does not name a checkpoint: {name[:80]!r}")
     path = directory / name
-    if not (path / MANIFEST_FILE).is_file():
+    manifest = path / MANIFEST_FILE
+    if not (refuse_symlink(path) and refuse_symlink(manifest) and manifest.is_file()):
         raise CheckpointError(f"{pointer} names {path}, which is missing or incomplete")
     return path
 
@@ -142,7 +154,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of the checkpoint directory ``path``, checked for format and round."""
     file = path / MANIFEST_FILE
     try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
+        with open_nofollow(file, "r", encoding="utf-8") as fh:
+            manifest = json.loads(fh.read())
+    except UnsafePathError:
+        raise
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {file}: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
@@ -156,6 +171,7 @@ def load_server_state(path: Path) -> dict[str, torch.Tensor]:
     """The server state tensors of the checkpoint directory ``path``, read into memory:
     a resumed run keeps them for its whole life, and a mapping would die with SIGBUS if
     the file were rewritten in place meanwhile."""
+    refuse_symlink(path / SERVER_FILE)  # the core opens it by name
     try:
         return store.load(path / SERVER_FILE, copy=True)
     except (OSError, store.StoreError) as exc:
@@ -193,11 +209,11 @@ def write_checkpoint(
             durable=True,
         )
         metrics = run_dir / METRICS_FILE
-        if metrics.is_file():
+        if refuse_symlink(metrics):
             # Rows are flushed as they are written: the file holds every row so far.
             atomic_copy(metrics, tmp / METRICS_FILE, durable=True)
         state_dir = run_dir / STATE_DIR
-        if state_dir.is_dir():
+        if refuse_symlink(state_dir) and state_dir.is_dir():
             _link_state_files(state_dir, tmp / STATE_DIR)
         manifest = {
             "format": CHECKPOINT_FORMAT,
@@ -220,24 +236,44 @@ def write_checkpoint(
         hook("renamed", round)
     atomic_write_text(run_dir / LATEST_FILE, name + "\n", durable=True)
     for entry in os.scandir(run_dir):
-        if entry.name != name and _CHECKPOINT_RE.fullmatch(entry.name) and entry.is_dir():
-            shutil.rmtree(entry.path, ignore_errors=True)
+        # A link of that name is no checkpoint: what it points to is not deleted.
+        if (
+            entry.name != name
+            and _CHECKPOINT_RE.fullmatch(entry.name)
+            and entry.is_dir(follow_symlinks=False)
+        ):
+            _remove_checkpoint(Path(entry.path))
     if hook is not None:
         hook("done", round)
     return final
 
 
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint that ``latest`` no longer names; a link inside it is
+    removed itself, never followed."""
+    with contextlib.suppress(OSError), os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _link_state_files(src: Path, dst: Path) -> None:
-    """Hard-link (or, across file systems, copy) the client state files of ``src``."""
+    """Hard-link (or, across file systems, copy) the client state files of ``src``; a
+    symbolic link among them is refused, neither linked nor copied."""
     dst.mkdir(exist_ok=True)
     for entry in os.scandir(src):
-        if _STATE_FILE_RE.fullmatch(entry.name) is None or not entry.is_file():
+        if _STATE_FILE_RE.fullmatch(entry.name) is None:
             continue  # e.g. the temporary file of a write in progress
+        if not (refuse_symlink(entry.path) and entry.is_file(follow_symlinks=False)):
+            continue
         target = dst / entry.name
         try:
-            os.link(entry.path, target)
+            os.link(entry.path, target, follow_symlinks=False)
         except OSError:
-            shutil.copyfile(entry.path, target)
+            atomic_copy(entry.path, target)
         fsync_file(target)
     fsync_dir(dst)
 
@@ -258,17 +294,20 @@ def restore_files(run_dir: Path, checkpoint: Path | None) -> None:
     """Bring the files of ``run_dir`` back to ``checkpoint`` (``None``: to before round 1).
 
     ``metrics.csv`` and the client state become the checkpoint's; the final model,
-    from a later round, is removed (it is written again at the end of the run).
+    from a later round, is removed (it is written again at the end of the run). A
+    symbolic link at any of these files, in ``run_dir`` or the checkpoint, is refused.
     """
     metrics = run_dir / METRICS_FILE
     state_dir = run_dir / STATE_DIR
+    for path in (metrics, state_dir, run_dir / MODEL_FILE):
+        refuse_symlink(path)
     saved_metrics = None if checkpoint is None else checkpoint / METRICS_FILE
-    if saved_metrics is not None and saved_metrics.is_file():
+    if saved_metrics is not None and refuse_symlink(saved_metrics):
         atomic_copy(saved_metrics, metrics, durable=True)
     else:
         metrics.unlink(missing_ok=True)
     saved_state = None if checkpoint is None else checkpoint / STATE_DIR
-    if saved_state is not None and not saved_state.is_dir():
+    if saved_state is not None and not (refuse_symlink(saved_state) and saved_state.is_dir()):
         saved_state = None
     if saved_state is not None or state_dir.exists():
         _replace_state_dir(state_dir, saved_state)
@@ -279,11 +318,14 @@ def remove_leftovers(run_dir: Path) -> None:
     """Delete what an interrupted run left in ``run_dir``: scratch directories,
     unfinished checkpoints and temporary files, and checkpoints ``latest`` does not name.
 
-    The lock file stays: the caller holds it.
+    The lock file stays: the caller holds it. A link of a stale name is removed itself,
+    never what it points to; a symbolic link at ``client_state`` is refused.
     """
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
     current = latest_checkpoint(run_dir)
+    state_dir = run_dir / STATE_DIR
+    has_state = refuse_symlink(state_dir) and state_dir.is_dir()
     for entry in os.scandir(run_dir):
         if entry.name == LOCK_FILE:
             continue
@@ -301,8 +343,7 @@ def remove_leftovers(run_dir: Path) -> None:
             shutil.rmtree(entry.path, ignore_errors=True)
         else:
             Path(entry.path).unlink(missing_ok=True)
-    state_dir = run_dir / STATE_DIR
-    if state_dir.is_dir():
+    if has_state:
         for entry in os.scandir(state_dir):
             if is_temp_name(entry.name):
                 Path(entry.path).unlink(missing_ok=True)
@@ -342,11 +383,17 @@ class RunDirLock:
         return self._fd is not None
 
     def acquire(self) -> None:
-        """Take the lock; :class:`RunDirLockedError` naming the holder when it is taken."""
+        """Take the lock; :class:`RunDirLockedError` naming the holder when it is taken.
+
+        The lock file is truncated and written, so it is checked first: no symbolic
+        link, a regular file, the user's own and no other file's name (a hard link), else
+        :class:`~emberfl.fileio.UnsafePathError` naming it.
+        """
         if self._fd is not None:
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = open_fd_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
+            _check_own_file(self.path, fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -390,6 +437,22 @@ class RunDirLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _check_own_file(path: Path, fd: int) -> None:
+    """:class:`UnsafePathError` unless the open file ``fd`` (at ``path``) is the user's
+    own and has no other name, so that writing it cannot change another file."""
+    st = os.fstat(fd)
+    uid = os.getuid()
+    if st.st_uid != uid:
+        raise UnsafePathError(
+            f"{path} belongs to user {st.st_uid}, not to this user ({uid}); a run "
+            "directory's lock file must be its writer's own (remove it)"
+        )
+    if st.st_nlink > 1:
+        raise UnsafePathError(
+            f"{path} has {st.st_nlink} links: it is another file's name too (remove it)"
+        )
 
 
 def _holder_pid(fd: int, wait: float = 0.5) -> int | None:

@@ -2,11 +2,12 @@
 
 ``emberfl run`` with no arguments is the quick start (FedAvg on the embedded digits
 data). Settings come from the defaults, then ``--config FILE`` (JSON or TOML), then
-the flags given, each overriding the one before. Bad settings, missing data and a run
-directory that another ``emberfl`` process is writing end the command with a one-line
-message and exit status 2. Ctrl-C (SIGINT) stops a run with exit status 130 and SIGTERM
-with 143, after stopping the workers and removing the temporary files; the last
-checkpoint stays valid, and ``emberfl resume DIR`` continues from it.
+the flags given, each overriding the one before. Bad settings, missing data, a run
+directory that another ``emberfl`` process is writing and a symbolic link where a run
+file belongs end the command with a one-line message and exit status 2. Ctrl-C
+(SIGINT) stops a run with exit status 130 and SIGTERM with 143, after stopping the
+workers and removing the temporary files; the last checkpoint stays valid, and
+``emberfl resume DIR`` continues from it.
 """
 
 from __future__ import annotations
@@ -404,6 +405,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from emberfl.checkpoint import CheckpointError
     from emberfl.config import ConfigError
+    from emberfl.fileio import UnsafePathError
     from emberfl.simulation import Simulation
 
     started = time.perf_counter()
@@ -417,7 +419,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     settings.setdefault("progress", sys.stderr.isatty())
     try:
         simulation = Simulation.for_resume(args.run_dir, **settings)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, UnsafePathError) as exc:
         return _fail(str(exc))
     return _execute(simulation, args, started)
 
@@ -436,14 +438,22 @@ def _run_prepared(simulation: Any, args: argparse.Namespace, started: float) -> 
     from emberfl.checkpoint import CheckpointError, RunDirLockedError
     from emberfl.config import ConfigError
     from emberfl.data import DatasetError
+    from emberfl.fileio import UnsafePathError
 
     config = simulation.config
     table = _Table(sys.stdout)
     with simulation:
         try:
             simulation.prepare()
-        except (ConfigError, DatasetError, CheckpointError, RunDirLockedError) as exc:
-            # RunDirLockedError: another `emberfl run/resume` is writing the directory.
+        except (
+            ConfigError,
+            DatasetError,
+            CheckpointError,
+            RunDirLockedError,
+            UnsafePathError,
+        ) as exc:
+            # RunDirLockedError: another `emberfl run/resume` is writing the directory;
+            # UnsafePathError: a symbolic link where a run file belongs.
             simulation.abort(f"{type(exc).__name__}: {exc}")
             return _fail(str(exc))
         if simulation.following:  # under torchrun, rank 0 reports for every rank
@@ -462,7 +472,11 @@ def _run_prepared(simulation: Any, args: argparse.Namespace, started: float) -> 
             f"{config.rounds} rounds -> {simulation.run_dir}" + (f"; {start}" if start else ""),
             flush=True,
         )
-        result = simulation.run(None if getattr(args, "quiet", False) else table.row)
+        try:
+            result = simulation.run(None if getattr(args, "quiet", False) else table.row)
+        except UnsafePathError as exc:  # a link planted while the run goes
+            simulation.abort(f"{type(exc).__name__}: {exc}")
+            return _fail(str(exc))
     wall = time.perf_counter() - started
     acc = result.final_accuracy
     acc_text = "n/a" if math.isnan(acc) else f"{acc:.4f}"
@@ -476,13 +490,14 @@ def _run_prepared(simulation: Any, args: argparse.Namespace, started: float) -> 
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    from emberfl.fileio import UnsafePathError
     from emberfl.plot import plot_runs
 
     try:
         out = plot_runs(
             args.run_dirs, args.output, args.metric, x=args.x, labels=args.labels, title=args.title
         )
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, UnsafePathError) as exc:
         return _fail(str(exc))
     except ImportError as exc:
         return _fail(str(exc))

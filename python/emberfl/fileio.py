@@ -7,14 +7,22 @@ then renamed over the target: a reader sees the old file or the new one, never h
 of one. A failure of any kind (``KeyboardInterrupt`` included) removes the temporary
 file. :func:`publish_dir` does the same for a directory built in a temporary one.
 
+Others may write a run directory, so nothing here follows a symbolic link at a run
+file: a rename replaces the link itself, :func:`open_nofollow` (and
+:func:`atomic_copy`, which reads through it) opens only a regular file that is no
+link, and :func:`refuse_symlink` checks a path used by name (a directory, a store
+file). Each raises :class:`UnsafePathError` naming the path.
+
 This module is the bottom layer of the package: it imports nothing from emberfl.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -23,6 +31,7 @@ from typing import IO, Any, Literal, overload
 
 __all__ = [
     "TEMP_SUFFIX",
+    "UnsafePathError",
     "atomic_copy",
     "atomic_open",
     "atomic_write_bytes",
@@ -34,7 +43,10 @@ __all__ = [
     "fsync_file",
     "is_temp_name",
     "make_temp_dir",
+    "open_fd_nofollow",
+    "open_nofollow",
     "publish_dir",
+    "refuse_symlink",
 ]
 
 #: Suffix of every temporary file and directory made here; names also start with ".".
@@ -43,6 +55,102 @@ TEMP_SUFFIX = ".tmp"
 _PROC_STATUS = "/proc/self/status"
 _fallback_lock = threading.Lock()
 _fallback_umask: int | None = None
+
+
+class UnsafePathError(OSError):
+    """A run file is a symbolic link, or not a regular file: it is refused rather than
+    followed, since others may write the run directory. The message names the path."""
+
+
+def _symlink_error(path: str | os.PathLike[str]) -> UnsafePathError:
+    return UnsafePathError(
+        f"{os.fspath(path)} is a symbolic link; emberfl never opens a run file through "
+        "one (remove it)"
+    )
+
+
+def refuse_symlink(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` exists, looked at without following it; :class:`UnsafePathError`
+    when it is a symbolic link.
+
+    For a path used by name afterwards (a directory, a store file the core maps);
+    a file this process opens goes through :func:`open_nofollow` instead, which leaves
+    no moment between the check and the open.
+    """
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        raise _symlink_error(path)
+    return True
+
+
+def open_fd_nofollow(path: str | os.PathLike[str], flags: int, mode: int = 0o666) -> int:
+    """``os.open(path, flags, mode)`` of a regular file, never through a symbolic link.
+
+    A link planted in a run directory must not make a run read, truncate or append to
+    a file elsewhere; :class:`UnsafePathError` names ``path`` when it is a link or not
+    a regular file. The open does not block on a FIFO (``O_NONBLOCK``, cleared again).
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        # O_NOFOLLOW fails with ELOOP (EMLINK on FreeBSD) at a link.
+        if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+            raise _symlink_error(path) from None
+        if exc.errno in (errno.EISDIR, errno.ENXIO):  # a directory, a socket or FIFO
+            raise UnsafePathError(f"{os.fspath(path)} is not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePathError(f"{os.fspath(path)} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@overload
+def open_nofollow(
+    path: str | os.PathLike[str],
+    mode: Literal["rb"] = "rb",
+    *,
+    encoding: None = None,
+    newline: None = None,
+) -> IO[bytes]: ...
+
+
+@overload
+def open_nofollow(
+    path: str | os.PathLike[str],
+    mode: Literal["r", "a"],
+    *,
+    encoding: str = "utf-8",
+    newline: str | None = None,
+) -> IO[str]: ...
+
+
+def open_nofollow(
+    path: str | os.PathLike[str],
+    mode: Literal["r", "rb", "a"] = "rb",
+    *,
+    encoding: str | None = None,
+    newline: str | None = None,
+) -> IO[Any]:
+    """A file object of the regular file ``path``, opened without following a link (see
+    :func:`open_fd_nofollow`): ``"rb"``, ``"r"`` (text, default UTF-8) or ``"a"``
+    (append text to an existing file)."""
+    flags = os.O_WRONLY | os.O_APPEND if mode == "a" else os.O_RDONLY
+    fd = open_fd_nofollow(path, flags)
+    try:
+        if mode == "rb":
+            return os.fdopen(fd, "rb")
+        return os.fdopen(fd, mode, encoding=encoding or "utf-8", newline=newline)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def current_umask() -> int:
@@ -84,8 +192,8 @@ def is_temp_name(name: str) -> bool:
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
-    """Flush ``path``'s data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush the regular file ``path``'s data to the disk (never through a link)."""
+    fd = open_fd_nofollow(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -197,8 +305,12 @@ def atomic_write_text(
 def atomic_copy(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], *, durable: bool = False
 ) -> Path:
-    """Replace ``dst`` with a copy of ``src`` atomically (see :func:`atomic_open`)."""
-    with open(src, "rb") as source, atomic_open(dst, "wb", durable=durable) as fh:
+    """Replace ``dst`` with a copy of ``src`` atomically (see :func:`atomic_open`).
+
+    ``src`` is opened with :func:`open_nofollow`: a link there is refused, so no file
+    elsewhere is ever copied to ``dst`` with the umask's mode.
+    """
+    with open_nofollow(src, "rb") as source, atomic_open(dst, "wb", durable=durable) as fh:
         shutil.copyfileobj(source, fh)
     return Path(dst)
 

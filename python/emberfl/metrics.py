@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from emberfl.fileio import atomic_open
+from emberfl.fileio import atomic_open, open_nofollow, refuse_symlink
 
 __all__ = [
     "METRICS_FILE",
@@ -120,10 +119,11 @@ class MetricsWriter:
         self.path = self.run_dir / METRICS_FILE
         self.durable = durable
         self._columns: list[str] | None = None
-        self._fh: io.TextIOWrapper | None = None
+        self._fh: IO[str] | None = None
         self._tb: Any = None
-        if resume and self.path.exists():
-            with self.path.open("r", newline="", encoding="utf-8") as fh:
+        # Never read or appended to through a symbolic link (see emberfl.fileio).
+        if resume and refuse_symlink(self.path):
+            with open_nofollow(self.path, "r", newline="", encoding="utf-8") as fh:
                 header = next(csv.reader(fh), None)
             if header is None or list(header[: len(BASE_COLUMNS)]) != list(BASE_COLUMNS):
                 raise ValueError(
@@ -131,7 +131,7 @@ class MetricsWriter:
                     f"{list(BASE_COLUMNS)}"
                 )
             self._columns = list(header)
-            self._fh = self.path.open("a", newline="", encoding="utf-8")
+            self._fh = open_nofollow(self.path, "a", newline="", encoding="utf-8")
         if tensorboard is not False:
             self._tb = _open_tensorboard(self.run_dir / "tensorboard", required=bool(tensorboard))
 
@@ -176,7 +176,7 @@ class MetricsWriter:
         # sees a half-written header; rows are then appended to the renamed file.
         with atomic_open(self.path, "w", durable=self.durable, newline="") as fh:
             csv.writer(fh, lineterminator="\n").writerow(self._columns)
-        self._fh = self.path.open("a", newline="", encoding="utf-8")
+        self._fh = open_nofollow(self.path, "a", newline="", encoding="utf-8")
 
     def close(self) -> None:
         if self._fh is not None:
@@ -215,20 +215,29 @@ def _open_tensorboard(log_dir: Path, *, required: bool) -> Any:
             ) from exc
         logger.debug("tensorboard not available; writing CSV metrics only")
         return None
+    refuse_symlink(log_dir)  # its event files are not written elsewhere
     return SummaryWriter(log_dir=str(log_dir))
 
 
 def read_metrics(run_dir_or_csv: str | os.PathLike[str]) -> dict[str, NDArray[np.float64]]:
     """Read a run's ``metrics.csv`` into ``{column: float64 array}`` (columns in file order).
 
-    Accepts the run directory or the CSV path itself.
+    Accepts the run directory or the CSV path itself. The ``metrics.csv`` of a run
+    directory is never read through a symbolic link; a CSV path named itself may be one.
     """
     path = Path(run_dir_or_csv)
-    if path.is_dir():
+    in_run_dir = path.is_dir()
+    if in_run_dir:
         path = path / METRICS_FILE
+        refuse_symlink(path)
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path} (expected a run's {METRICS_FILE})")
-    with path.open("r", newline="", encoding="utf-8") as fh:
+    opened = (
+        open_nofollow(path, "r", newline="", encoding="utf-8")
+        if in_run_dir
+        else path.open("r", newline="", encoding="utf-8")
+    )
+    with opened as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if not header:

@@ -26,10 +26,11 @@ Under torchrun (see :mod:`emberfl.cluster`) every rank prepares the same data an
 own workers; rank 0 runs the rounds and writes the run directory, the others follow.
 
 Every file is published by temp file + rename (:mod:`emberfl.fileio`), with the
-permissions the process umask gives. Everything a later round depends on lives in
-the server handler (model, round counter, client sampler, optimizer moments, server
-control) and in the client state directory; the client streams are derived from
-``(seed, cid, round)``.
+permissions the process umask gives; none is opened through a symbolic link (a link
+where a run file belongs raises :class:`~emberfl.fileio.UnsafePathError`). Everything
+a later round depends on lives in the server handler (model, round counter, client
+sampler, optimizer moments, server control) and in the client state directory; the
+client streams are derived from ``(seed, cid, round)``.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ from emberfl.contrib.registry import algorithm_spec, make_client_trainer, make_s
 from emberfl.core.distributed_trainer import DistributedClientTrainer
 from emberfl.core.packages import tensor_bytes
 from emberfl.data import Dataset, Partition, StorePartitionedDataset
-from emberfl.fileio import atomic_write_text
+from emberfl.fileio import atomic_write_text, refuse_symlink
 from emberfl.metrics import METRICS_FILE, MetricsWriter, RoundMetrics
 from emberfl.models import ZooModelSelector
 from emberfl.run_data import load_run_data, write_store
@@ -188,6 +189,7 @@ class Simulation:
         """
         directory = Path(run_dir)
         path = directory / CONFIG_FILE
+        refuse_symlink(path)  # read as the run's own, and written again
         cluster = Cluster.from_env()
         if cluster is not None and not cluster.is_server and not path.is_file():
             # This node does not see the run directory: prepare() adopts rank 0's.
@@ -234,7 +236,7 @@ class Simulation:
                 remove_leftovers(self.run_dir)
             else:
                 for name in (MODEL_FILE, METRICS_FILE, LATEST_FILE):
-                    if (self.run_dir / name).exists():
+                    if refuse_symlink(self.run_dir / name):
                         raise ConfigError(
                             f"{self.run_dir} already holds a run ({name}); choose another "
                             "output directory, or resume it"

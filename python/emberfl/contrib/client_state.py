@@ -5,7 +5,9 @@ of virtual clients those vectors cannot all live in RAM, so a
 :class:`ClientStateStore` keeps each client's tensors in ``<root>/<cid>.safetensors``
 and maps a file only while that client runs. Files are written atomically (temporary
 file + rename, by :func:`emberfl.store.save`), so a crash mid-round leaves either the
-old or the new state of a client, never a torn file.
+old or the new state of a client, never a torn file. The directory may be in a run
+directory others can write: neither it nor a state file is used through a symbolic
+link (:class:`~emberfl.fileio.UnsafePathError` names it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from emberfl import store
+from emberfl.fileio import refuse_symlink
 from emberfl.reproducibility import check_client_id
 
 __all__ = ["ClientStateStore"]
@@ -37,7 +40,7 @@ class ClientStateStore:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        if self.root.exists() and not self.root.is_dir():
+        if refuse_symlink(self.root) and not self.root.is_dir():
             raise NotADirectoryError(f"client state directory {self.root} is not a directory")
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -50,7 +53,12 @@ class ClientStateStore:
             valid = check_client_id(cid)
         except (TypeError, ValueError):
             return False
-        return self.path(valid).is_file()
+        return self._has(self.path(valid))
+
+    @staticmethod
+    def _has(path: Path) -> bool:
+        """Whether the state file ``path`` exists; a symbolic link there is refused."""
+        return refuse_symlink(path) and path.is_file()
 
     def load(self, cid: int) -> dict[str, torch.Tensor] | None:
         """Client ``cid``'s tensors, or ``None`` when it has no state yet.
@@ -59,14 +67,14 @@ class ClientStateStore:
         them never changes the file, and they cost no memory until touched.
         """
         path = self.path(cid)
-        if not path.is_file():
+        if not self._has(path):
             return None
         return store.load(path)
 
     def metadata(self, cid: int) -> dict[str, str] | None:
         """The string metadata saved with client ``cid``'s state, or ``None``."""
         path = self.path(cid)
-        if not path.is_file():
+        if not self._has(path):
             return None
         return dict(store.open_file(path).metadata)
 
@@ -88,7 +96,7 @@ class ClientStateStore:
         found = []
         for entry in os.scandir(self.root):
             m = _FILE_RE.fullmatch(entry.name)
-            if m is not None and entry.is_file():
+            if m is not None and self._has(Path(entry.path)):
                 found.append(int(m.group(1)))
         return sorted(found)
 
