@@ -45,6 +45,7 @@ import torch
 
 from emberfl import __version__, store
 from emberfl.core.client_trainer import set_rounds_run
+from emberfl.crashpoints import crash_point
 from emberfl.fileio import (
     UnsafePathError,
     atomic_copy,
@@ -202,19 +203,23 @@ def write_checkpoint(
     name = f"{CHECKPOINT_PREFIX}{round}"
     tmp = make_temp_dir(run_dir, name)
     try:
+        crash_point("checkpoint.begin")
         store.save(
             tmp / SERVER_FILE,
             state,
             metadata={"algorithm": algorithm, "round": str(round)},
             durable=True,
         )
+        crash_point("checkpoint.server")
         metrics = run_dir / METRICS_FILE
         if refuse_symlink(metrics):
             # Rows are flushed as they are written: the file holds every row so far.
             atomic_copy(metrics, tmp / METRICS_FILE, durable=True)
+        crash_point("checkpoint.metrics")
         state_dir = run_dir / STATE_DIR
         if refuse_symlink(state_dir) and state_dir.is_dir():
             _link_state_files(state_dir, tmp / STATE_DIR)
+        crash_point("checkpoint.state")
         manifest = {
             "format": CHECKPOINT_FORMAT,
             "round": round,
@@ -224,6 +229,7 @@ def write_checkpoint(
             "emberfl_version": __version__,
         }
         atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n", durable=True)
+        crash_point("checkpoint.written")
         if hook is not None:
             hook("written", round)
     except BaseException:
@@ -232,9 +238,11 @@ def write_checkpoint(
     # An existing checkpoint-<round> was left by a run killed before it named it
     # (never current): it is replaced.
     final = publish_dir(tmp, run_dir / name, durable=True)
+    crash_point("checkpoint.renamed")
     if hook is not None:
         hook("renamed", round)
     atomic_write_text(run_dir / LATEST_FILE, name + "\n", durable=True)
+    crash_point("checkpoint.latest")
     for entry in os.scandir(run_dir):
         # A link of that name is no checkpoint: what it points to is not deleted.
         if (
@@ -243,20 +251,22 @@ def write_checkpoint(
             and entry.is_dir(follow_symlinks=False)
         ):
             _remove_checkpoint(Path(entry.path))
+    crash_point("checkpoint.done")
     if hook is not None:
         hook("done", round)
     return final
 
 
 def _remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint that ``latest`` no longer names; a link inside it is
-    removed itself, never followed."""
+    """Delete a checkpoint that ``latest`` no longer names, entry by entry (so that a
+    test can kill the run between two: ``checkpoint.prune``)."""
     with contextlib.suppress(OSError), os.scandir(path) as entries:
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 Path(entry.path).unlink(missing_ok=True)
+            crash_point("checkpoint.prune")
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -306,6 +316,7 @@ def restore_files(run_dir: Path, checkpoint: Path | None) -> None:
         atomic_copy(saved_metrics, metrics, durable=True)
     else:
         metrics.unlink(missing_ok=True)
+    crash_point("restore.metrics")
     saved_state = None if checkpoint is None else checkpoint / STATE_DIR
     if saved_state is not None and not (refuse_symlink(saved_state) and saved_state.is_dir()):
         saved_state = None

@@ -13,7 +13,8 @@ file: a rename replaces the link itself, :func:`open_nofollow` (and
 link, and :func:`refuse_symlink` checks a path used by name (a directory, a store
 file). Each raises :class:`UnsafePathError` naming the path.
 
-This module is the bottom layer of the package: it imports nothing from emberfl.
+This module is the bottom layer of the package: it imports nothing from emberfl but
+:mod:`emberfl.crashpoints` (fault injection for tests, itself import-free).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Literal, overload
+
+from emberfl.crashpoints import crash_point
 
 __all__ = [
     "TEMP_SUFFIX",
@@ -274,6 +277,7 @@ def _atomic_open(
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())
+        crash_point(f"write.{target.name}")
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -344,6 +348,7 @@ def publish_dir(
         if dst.exists() or dst.is_symlink():
             old = make_temp_dir(dst.parent, f"{dst.name}.old")
             os.replace(dst, old / dst.name)
+            crash_point(f"publish.{dst.name}")
         os.rename(src, dst)
     except BaseException:
         shutil.rmtree(src, ignore_errors=True)

@@ -22,6 +22,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from emberfl.crashpoints import crash_point
 from emberfl.fileio import atomic_open, open_nofollow, refuse_symlink
 
 __all__ = [
@@ -162,6 +163,7 @@ class MetricsWriter:
         self._fh.flush()
         if self.durable:
             os.fsync(self._fh.fileno())
+        crash_point("metrics.row")
         if self._tb is not None:
             for key, value in row.items():
                 if key in ("round", "num_clients"):

@@ -84,6 +84,7 @@ from emberfl.contrib import FedAvgBaseServerHandler, FedAvgUplinkPackage
 from emberfl.contrib.registry import algorithm_spec, make_client_trainer, make_server_handler
 from emberfl.core.distributed_trainer import DistributedClientTrainer
 from emberfl.core.packages import tensor_bytes
+from emberfl.crashpoints import crash_point
 from emberfl.data import Dataset, Partition, StorePartitionedDataset
 from emberfl.fileio import atomic_write_text, refuse_symlink
 from emberfl.metrics import METRICS_FILE, MetricsWriter, RoundMetrics
@@ -244,10 +245,15 @@ class Simulation:
         if cluster is not None:
             self._agree(cluster)
             config = self.config
+        if server:
+            # Before the data is loaded and the workers start (seconds, for a large
+            # dataset): a run killed from here on can be resumed, which needs it.
+            self._write_config()
         # The scratch directory (dataset store, round files) lives in the run directory,
         # so that whatever a killed run leaves behind is found and removed on resume.
         if server:
             self._work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=self.run_dir))
+            crash_point("simulation.setup")
         else:
             assert cluster is not None
             self._work = cluster.scratch(self.run_dir)
@@ -280,7 +286,6 @@ class Simulation:
         self.trainer.uplink_fold = self.handler.uplink_fold()
         if self.resume:
             self._restore()
-        self._write_config()
         self._writer = MetricsWriter(self.run_dir, resume=self.resume)
         self._made_run_dir = False
 
@@ -498,6 +503,7 @@ class Simulation:
             if on_round is not None:
                 on_round(metrics)
         self.save_model()
+        crash_point("simulation.model")
         result.seconds = time.perf_counter() - start
         return result
 
@@ -523,6 +529,8 @@ class Simulation:
                 shutil.rmtree(self._work, ignore_errors=True)
                 self._work = None
             # prepare() failed in a directory it made: leave no empty run directory.
+            if self._made_run_dir:
+                (self.run_dir / CONFIG_FILE).unlink(missing_ok=True)
             self._lock.release(remove=self._made_run_dir)
             if self._made_run_dir:
                 with contextlib.suppress(OSError):

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from emberfl.core.errors import ClientError, ClientTimeoutError, WorkerCrashedError
 from emberfl.core.fold import UplinkFold
+from emberfl.crashpoints import crash_point
 from emberfl.reproducibility import check_client_id, check_seed
 
 __all__ = [
@@ -265,6 +266,7 @@ def deliver_uplink(trainer: object, index: int, package: UplinkPackage) -> Uplin
 
     Trainers call it in client-list order; custom serial trainers can too.
     """
+    crash_point("round.client")
     hook = getattr(trainer, "on_uplink", None)
     if hook is None:
         return package
