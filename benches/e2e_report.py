@@ -41,8 +41,8 @@ process pool's workers are fresh every round), it builds a new model for every c
 (``select_model``), saves each client's random-generator state to a file every round
 (process pool), shows tqdm bars (written to the child's captured stderr), and averages
 with torch on the server. Its worker processes get emberfl's default torch thread count
-(cpus // ``--workers``), set by the selector in the worker; BlazeFL itself leaves
-torch's default (one thread per core).
+(1), set by the selector in the worker; BlazeFL itself leaves torch's default (one
+thread per core).
 
 Every run is a fresh subprocess, sampled every 50 ms for the RSS and PSS of its whole
 process tree (RSS counts pages of shared file mappings once per process; PSS shares
@@ -406,7 +406,7 @@ def blazefl_fedavg(
     times = []
     start = time.perf_counter()
     common = {
-        "model_selector": BlazeModelSelector(max(1, (os.cpu_count() or 1) // workers)),
+        "model_selector": BlazeModelSelector(1),
         "model_name": setup.model,
         "dataset": dataset,
         "device": "cpu",

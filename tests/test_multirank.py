@@ -2,8 +2,8 @@
 (RANK, WORLD_SIZE, MASTER_ADDR ... as torchrun sets them) and by two torchrun agents
 on 127.0.0.1 (c10d rendezvous, gloo over loopback) standing for two nodes.
 
-The final model is bitwise the same for every layout and runtime (one torch thread
-everywhere: bitwise comparisons need it, see conftest.one_thread); a rank that dies,
+The final model is bitwise the same for every layout and runtime with the defaults a
+user types (no ``--threads``: one torch thread per client whatever the layout); a rank that dies,
 stops or was launched with another configuration stops the job with one line naming it.
 """
 
@@ -32,12 +32,10 @@ from emberfl.config import ConfigError
 from emberfl.simulation import run_simulation
 from linux import default_sigint
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 BASE = [
     "--dataset", "digits", "--clients", "8", "--sample-ratio", "0.5", "--rounds", "3",
-    "--epochs", "1", "--threads", "1", "--no-progress", "--quiet", "--rank-timeout", "3",
+    "--epochs", "1", "--no-progress", "--quiet", "--rank-timeout", "3",
 ]  # fmt: skip
 SETTINGS = {
     "dataset": "digits",
@@ -45,7 +43,6 @@ SETTINGS = {
     "sample_ratio": 0.5,
     "rounds": 3,
     "epochs": 1,
-    "threads": 1,
     "progress": False,
 }
 
@@ -150,10 +147,10 @@ def _same_model(a: Path, b: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One-process runs (2 worker processes) of FedAvg and SCAFFOLD."""
+    """One-process runs (the default workers) of FedAvg and SCAFFOLD."""
     root = tmp_path_factory.mktemp("reference")
     for algorithm in ("fedavg", "scaffold"):
-        run_simulation(SETTINGS, algorithm=algorithm, workers=2, out=str(root / algorithm))
+        run_simulation(SETTINGS, algorithm=algorithm, out=str(root / algorithm))
     return {a: root / a for a in ("fedavg", "scaffold")}
 
 

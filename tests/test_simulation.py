@@ -44,16 +44,33 @@ TINY: dict[str, Any] = {
 def test_defaults_are_the_quick_start() -> None:
     config = SimulationConfig()
     config.validate()
-    assert (config.algorithm, config.dataset, config.clients, config.workers) == (
+    assert (config.algorithm, config.dataset, config.clients, config.threads) == (
         "fedavg",
         "digits",
         100,
-        2,
+        1,
     )
     assert config.model_name == "mlp" and config.partition_name == "iid"
     assert SimulationConfig(dataset="synthetic").partition_name == "natural"
     assert SimulationConfig(dataset="mnist").model_name == "2nn"
     assert SimulationConfig(dataset="cifar10").model_name == "cifar_cnn"
+
+
+def test_default_workers_fill_this_ranks_cpus_at_the_thread_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import emberfl.core.runtime as runtime
+
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert SimulationConfig().workers_per_rank == 10  # no more than a round's clients
+    assert SimulationConfig(clients=1000).workers_per_rank == 16
+    assert SimulationConfig(clients=1000, threads=4).workers_per_rank == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # ranks of one node share its CPUs
+    assert SimulationConfig(clients=1000).workers_per_rank == 4
+    assert SimulationConfig(clients=1000, workers=3).workers_per_rank == 3
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 2)
+    assert SimulationConfig(clients=1000, threads=4).workers_per_rank == 1
 
 
 def test_from_mapping_accepts_dashes_and_checks_types() -> None:

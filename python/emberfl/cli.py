@@ -223,14 +223,19 @@ def _run_parser(sub: Any) -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=d.workers,
-        help="parallel clients: worker processes (0 runs them in this process) or threads",
+        help="parallel clients: worker processes (0 runs them in this process) or threads "
+        "(default: this process's CPUs divided by --threads, at most the clients of a round; "
+        "under torchrun the ranks of a node share its CPUs)",
     )
-    g.add_argument(
+    add(
+        g,
         "--threads",
         type=int,
+        default=d.threads,
         metavar="N",
-        help="torch threads of each worker process, and of this process during the run "
-        "(default: the CPUs divided by --workers)",
+        help="torch threads of each client (its worker process, and this process during the "
+        "run); the bits depend on it, not on the layout: runs agree bit for bit with any "
+        "workers, ranks and runtime when they have the same --threads",
     )
     add(
         g,
@@ -295,7 +300,13 @@ def _resume_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
     p.add_argument("--workers", type=int, help="parallel clients (as for run)")
-    p.add_argument("--threads", type=int, metavar="N", help="torch threads per worker")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads per client (default: the run's own, from its config.json; "
+        "another count gives other bits from here on)",
+    )
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint interval")
     p.add_argument(
         "--rank-timeout", type=float, metavar="SECONDS", help="silent-rank timeout (as for run)"

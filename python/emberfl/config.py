@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from emberfl.contrib.registry import ALGORITHMS, RUNTIMES
-from emberfl.core import available_cpus
+from emberfl.core.runtime import rank_cpus
 from emberfl.data import DATASET_NAMES
 from emberfl.models import MODEL_NAMES
 from emberfl.reproducibility import check_seed
@@ -98,8 +98,8 @@ class SimulationConfig:
     epochs: int = 5
     batch_size: int = 10
     lr: float = 0.2
-    workers: int = 2
-    threads: int | None = None
+    workers: int | None = None
+    threads: int = 1
     runtime: str = "process"
     batch_clients: int = 32
     device: str = "cpu"
@@ -169,12 +169,14 @@ class SimulationConfig:
         return "natural" if self.dataset_key == "synthetic" else "iid"
 
     @property
-    def threads_per_worker(self) -> int:
-        """Intra-op torch threads of each worker process, and of this process during a
-        run: ``threads``, or the CPUs shared out among the workers."""
-        if self.threads is not None:
-            return self.threads
-        return max(1, available_cpus() // max(1, self.workers))
+    def workers_per_rank(self) -> int:
+        """Clients this process trains at once: ``workers``, or as many as this rank's
+        share of the CPUs holds at ``threads`` each, and no more than a round has
+        clients. Results do not depend on it (each client's arithmetic depends only on
+        ``threads``), so it may differ between machines, ranks and a resume."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, min(rank_cpus() // self.threads, self.clients_per_round))
 
     @property
     def clients_per_round(self) -> int:
@@ -204,10 +206,10 @@ class SimulationConfig:
             _at_least("checkpoint_every", self.checkpoint_every, 0)
         _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("shards_per_client", self.shards_per_client, 1)
-        _at_least("workers", self.workers, 1 if self.runtime == "thread" else 0)
+        if self.workers is not None:
+            _at_least("workers", self.workers, 1 if self.runtime == "thread" else 0)
         _at_least("batch_clients", self.batch_clients, 1)
-        if self.threads is not None:
-            _at_least("threads", self.threads, 1)
+        _at_least("threads", self.threads, 1)
         try:
             check_seed(self.seed)
         except (TypeError, ValueError) as exc:

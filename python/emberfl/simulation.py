@@ -200,6 +200,10 @@ class Simulation:
         values = load_config_file(path)
         for key in ("emberfl_version", "out", "layout"):
             values.pop(key, None)
+        if values.get("threads", 1) is None:
+            # Written before the thread count was recorded: it followed that
+            # machine's CPUs, so no count reproduces it everywhere; take the default.
+            del values["threads"]
         changed = sorted(k for k in settings if k.replace("-", "_") not in RESUME_SETTINGS)
         if changed:
             raise ConfigError(
@@ -257,7 +261,7 @@ class Simulation:
         else:
             assert cluster is not None
             self._work = cluster.scratch(self.run_dir)
-        if config.runtime == "process" and config.workers > 0:
+        if config.runtime == "process" and config.workers_per_rank > 0:
             # Built first so that its worker processes start (a fresh interpreter
             # importing torch takes seconds) while this process loads the data; the
             # model selector and the dataset, which only tasks read, are bound below.
@@ -332,7 +336,9 @@ class Simulation:
 
     def _write_config(self) -> None:
         resolved = self._config_record()
-        workers = self.config.workers if self.config.runtime in ("process", "thread") else 0
+        workers = (
+            self.config.workers_per_rank if self.config.runtime in ("process", "thread") else 0
+        )
         resolved["layout"] = (
             self.cluster.layout(workers)
             if self.cluster is not None
@@ -368,11 +374,10 @@ class Simulation:
 
     def _set_threads(self) -> None:
         # This process (evaluation, and the clients themselves in the thread and serial
-        # runtimes) gets the same share of the CPUs as each worker process, so that
-        # small ops do not oversubscribe them.
+        # runtimes) runs with the clients' thread count, which decides the bits.
         if self._threads is None:
             self._threads = torch.get_num_threads()
-            torch.set_num_threads(self.config.threads_per_worker)
+            torch.set_num_threads(self.config.threads)
 
     def _restore_threads(self) -> None:
         if self._threads is not None:

@@ -94,9 +94,9 @@ class AlgorithmSettings(Protocol):
     @property
     def lr(self) -> float: ...
     @property
-    def workers(self) -> int: ...
+    def workers_per_rank(self) -> int: ...
     @property
-    def threads_per_worker(self) -> int: ...
+    def threads(self) -> int: ...
     @property
     def batch_clients(self) -> int: ...
     @property
@@ -302,14 +302,20 @@ def make_client_trainer(
             state_dir,
             dataset,
             *common,
-            s.workers,
+            s.workers_per_rank,
             share_dir=share_dir,
-            torch_threads=s.threads_per_worker,
+            torch_threads=s.threads,
             **extra,
         )
     if runtime == "thread":
         return cls(
-            selector, s.model_name, dataset, *common, s.workers, state_dir=state_dir, **extra
+            selector,
+            s.model_name,
+            dataset,
+            *common,
+            s.workers_per_rank,
+            state_dir=state_dir,
+            **extra,
         )
     if runtime == "batched":
         return cls(

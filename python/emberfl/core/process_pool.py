@@ -19,8 +19,10 @@ Besides the optional attributes both pools read (``seed``, ``progress``,
 ``retry_crashed`` (bool, default False)
     When a worker process dies mid-client, start a new one and retry that client
     once instead of raising :class:`WorkerCrashedError`.
-``torch_threads`` (int, default ``max(1, cpus // num_parallels)``)
-    Intra-op threads of each worker process.
+``torch_threads`` (int, default 1)
+    Intra-op threads of each worker process. torch splits a reduction's work by the
+    thread count, so the count decides the bits: with the same count the results are
+    the same for any ``num_parallels``.
 ``start_method`` ("spawn" or "forkserver", default "spawn")
     How worker processes start. Both are safe with CUDA. "forkserver" imports torch
     once in a fork server and forks every worker from it: far less CPU and start-up
@@ -337,7 +339,7 @@ class ProcessPoolClientTrainer(
             if parallels > 0:
                 # Started before the payload is written, so spawning overlaps it.
                 pool: WorkerPool | None = runtime.ensure_pool(
-                    parallels, _torch_threads(self, parallels), _start_method(self)
+                    parallels, _torch_threads(self), _start_method(self)
                 )
             else:
                 pool = None

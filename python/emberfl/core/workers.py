@@ -20,7 +20,7 @@ from emberfl.core.client_trainer import (
     _read_parallels,
 )
 from emberfl.core.pool import WorkerPool
-from emberfl.core.runtime import SharedFlag, ShareDir, TaskRunner, available_cpus
+from emberfl.core.runtime import SharedFlag, ShareDir, TaskRunner
 
 __all__: list[str] = []
 
@@ -100,7 +100,7 @@ def _prewarm(trainer: object) -> None:
         if parallels == 0:
             return
         runtime = _process_runtime(trainer)
-        runtime.ensure_pool(parallels, _torch_threads(trainer, parallels), _start_method(trainer))
+        runtime.ensure_pool(parallels, _torch_threads(trainer), _start_method(trainer))
     except Exception:
         logger.debug("worker start at construction failed; retried on first use", exc_info=True)
 
@@ -114,10 +114,12 @@ def _start_method(trainer: object) -> str:
     return str(method)
 
 
-def _torch_threads(trainer: object, parallels: int) -> int:
+def _torch_threads(trainer: object) -> int:
+    # One thread per client by default, whatever the number of workers: torch's
+    # reductions split their work by thread count, so the count decides the bits.
     threads = getattr(trainer, "torch_threads", None)
     if threads is None:
-        return max(1, available_cpus() // parallels)
+        return 1
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(
             f"{type(trainer).__name__}.torch_threads must be an int >= 1, got {threads!r}"

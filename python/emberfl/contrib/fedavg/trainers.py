@@ -238,7 +238,8 @@ class FedAvgProcessPoolClientTrainer(
     (for algorithms that keep any). Keyword extras: ``client_update`` (the client
     step; FedAvg's by default), ``progress`` (a bar per round), ``share_dir``
     (where round files go; default: the system's temporary directory),
-    ``torch_threads`` (intra-op threads of each worker; default: CPUs // workers) and
+    ``torch_threads`` (intra-op threads of each worker; default 1, so that the bits
+    do not depend on the number of workers) and
     ``ipc_mode`` (BlazeFL 2.x's transport choice, accepted for its scripts: both modes
     move tensors through memory-mapped files here).
     """
