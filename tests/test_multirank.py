@@ -9,6 +9,7 @@ stops or was launched with another configuration stops the job with one line nam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -26,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 import emberfl
-from emberfl.checkpoint import WORK_PREFIX
+from emberfl.checkpoint import WORK_PREFIX, RunDirLock
 from emberfl.cluster import Cluster
 from emberfl.config import ConfigError
 from emberfl.simulation import run_simulation
@@ -88,9 +90,15 @@ def _ranks(
     return procs
 
 
-def _agents(nodes: int, per_node: int, args: list[str], *extra: str) -> list[subprocess.Popen[str]]:
-    """``nodes`` torchrun agents on 127.0.0.1, ``per_node`` ranks each (c10d rendezvous)."""
+def _agents(
+    nodes: int, per_node: int, args: list[str], *extra: str, share_store: bool = False
+) -> list[subprocess.Popen[str]]:
+    """``nodes`` torchrun agents on 127.0.0.1, ``per_node`` ranks each (c10d rendezvous);
+    ``share_store``: torch's default of sharing the agents' store with the ranks."""
     assert TORCHRUN is not None
+    env = _env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    if share_store:
+        del env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]
     endpoint = f"127.0.0.1:{_free_port()}"
     return [
         subprocess.Popen(
@@ -114,7 +122,7 @@ def _agents(nodes: int, per_node: int, args: list[str], *extra: str) -> list[sub
                 "run",
                 *args,
             ],
-            env=_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -191,7 +199,7 @@ def test_two_torchrun_nodes_of_two_ranks_give_the_bits_of_one_process(
     assert layout == {"world_size": 4, "nodes": 2, "processes_per_node": 2, "workers_per_rank": 1}
 
 
-def _session_left(procs: list[subprocess.Popen[str]]) -> list[int]:
+def _session_left(procs: Sequence[subprocess.Popen[str] | psutil.Process]) -> list[int]:
     sessions = {p.pid for p in procs}
     left = []
     for proc in psutil.process_iter():
@@ -369,3 +377,90 @@ def test_a_rank_that_cannot_see_the_run_directory_is_refused(tmp_path: Path) -> 
     cluster._check(sent, None, tmp_path, True)
     with pytest.raises(ConfigError, match=r"rank 0 runs 0\.0\.1"):
         cluster._check({**sent, "version": "0.0.1"}, None, tmp_path, False)
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_whose_peers_never_join_stops(tmp_path: Path, rank: int) -> None:
+    """One rank of two, the other never started: it gives up after the join timeout
+    (30 s for a rank timeout of 3 s) with one line, instead of waiting for ever."""
+    out = tmp_path / "run"
+    env = _env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "emberfl", "run", *BASE, "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert done.returncode == 1, done.stderr
+    assert "did not join within 30 s" in done.stderr, done.stderr
+    assert 25 < took < 60, took
+    if rank == 0:  # the one writer never took the run directory
+        assert not (out / "metrics.csv").exists()
+
+
+def _ranks_of(agents: list[subprocess.Popen[str]]) -> list[psutil.Process]:
+    parents = {a.pid for a in agents}
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.ppid() in parents and "RANK" in proc.environ():
+                found.append(proc)
+    return found
+
+
+@pytest.mark.faults
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_ranks_whose_torchrun_agents_die_stop_and_free_the_run(tmp_path: Path) -> None:
+    """SIGKILL both agents of a 2-node job mid-run: their ranks, now orphans, notice
+    within a second, stop as on SIGTERM (workers and scratch gone), and the run directory
+    is free for ``emberfl resume``."""
+    out = tmp_path / "run"
+    args = [*BASE, "--rounds", "200", "--epochs", "5", "--workers", "1", "--out", str(out)]
+    agents = _agents(2, 1, args)
+    ranks: list[psutil.Process] = []
+    try:
+        _wait_rows(out, 2, agents)
+        ranks = _ranks_of(agents)
+        assert len(ranks) == 2, ranks
+        for agent in agents:
+            agent.kill()
+            agent.wait()
+        _, alive = psutil.wait_procs(ranks, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+        said = " ".join(out + err for out, err in (a.communicate() for a in agents))
+        assert said.count("its launcher") == 2, said
+        deadline = time.monotonic() + 15
+        while _session_left([*agents, *ranks]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _session_left([*agents, *ranks]) == []  # the ranks' workers too
+    finally:  # torchrun starts its ranks in sessions of their own
+        for proc in [*ranks, *agents]:
+            with contextlib.suppress(OSError, psutil.Error):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for agent in agents:
+            if agent.stdout is not None and not agent.stdout.closed:
+                agent.communicate()
+    rows = len((out / "metrics.csv").read_text().splitlines())
+    assert rows < 100, "the orphaned ranks ran on"
+    with RunDirLock(out):  # nobody holds the run directory
+        pass
+    assert not [p for p in out.iterdir() if p.name.startswith(WORK_PREFIX)]
+
+
+@pytest.mark.faults
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_max_restarts_with_the_agents_store_is_refused_before_round_1(tmp_path: Path) -> None:
+    """``torchrun --max-restarts 1`` without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 cannot
+    restart (the first restart finds the dead ranks): refused at once, naming the
+    variable, not hours later at the first failure."""
+    out = tmp_path / "run"
+    args = [*BASE, "--workers", "1", "--out", str(out)]
+    started = time.monotonic()
+    results = _finish(_agents(2, 1, args, "--max-restarts", "1", share_store=True), timeout=120)
+    assert time.monotonic() - started < 100
+    assert all(code != 0 for code, _ in results), results
+    assert all("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text for _, text in results), results
+    assert not (out / "metrics.csv").exists()

@@ -14,6 +14,12 @@ line, not a divergent run) and, for algorithms that keep client state on disk
 trained on one node is read on another the next time, so it must be on a shared
 filesystem. Ranks must run on a trusted private network (see the README's "Many
 machines"): torch.distributed's store and gloo have no authentication.
+
+No rank is left waiting: :meth:`Cluster.start` gives the other ranks
+:func:`join_timeout` to arrive (then this rank stops with one line), and from then on
+a thread watches the process that launched this one (torchrun's agent): when it
+dies, this rank stops too, instead of running on as an orphan holding the run
+directory.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ import json
 import logging
 import os
 import secrets
+import signal
+import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,10 +45,11 @@ import torch.distributed as dist
 from emberfl import __version__
 from emberfl.checkpoint import WORK_PREFIX
 from emberfl.config import ConfigError
+from emberfl.core.errors import RankFailedError
 from emberfl.core.rank_watch import RankWatch
 from emberfl.fileio import atomic_write_text
 
-__all__ = ["Cluster"]
+__all__ = ["Cluster", "join_timeout"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +57,15 @@ _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # May differ between ranks: whether stderr is a terminal, and a default output
 # directory (the other ranks take rank 0's, see ``agree``).
 _PER_RANK = ("progress", "out")
+#: How often the launcher watch looks at this process's parent.
+_LAUNCHER_POLL = 0.5
+
+
+def join_timeout(rank_timeout: float) -> float:
+    """Seconds the ranks of a job have to meet in ``init_process_group``: ranks start
+    together (torchrun starts them after its own rendezvous), but each imports torch
+    and reads its configuration first, which a loaded node can slow down."""
+    return max(30.0, 6.0 * rank_timeout)
 
 
 class Cluster:
@@ -68,6 +87,7 @@ class Cluster:
         #: torchrun's restart count (after :meth:`start`: the largest of any rank's).
         self.restart = restart
         self.watch: RankWatch | None = None
+        self._launcher: _LauncherWatch | None = None
         self._started = False
 
     @classmethod
@@ -121,17 +141,17 @@ class Cluster:
     # -- start and stop ----------------------------------------------------------
 
     def start(self, device: str, *, rank_timeout: float, collective_timeout: float) -> None:
-        """Join the job's process group (NCCL on GPUs, gloo on CPUs) and start beating."""
+        """Join the job's process group (NCCL on GPUs, gloo on CPUs) and start beating.
+
+        :class:`~emberfl.core.errors.RankFailedError` when the other ranks have not
+        joined within :func:`join_timeout`; :class:`ConfigError` for a launch that
+        could not restart (see :func:`_check_restartable`).
+        """
         if self._started:
             return
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(
-            os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
-        ):
-            logger.warning(
-                "torchrun --max-restarts with the store shared by torchrun's agents can "
-                "restart into a stale address (pytorch#135712); export "
-                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun"
-            )
+        _check_restartable(os.environ)
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent
+            self._launcher = _LauncherWatch(self.rank, rank_timeout)
         backend = self.backend(device)
         if backend == "nccl":
             torch.cuda.set_device(self.local_rank)
@@ -141,19 +161,30 @@ class Cluster:
                 self.local_world_size,
                 torch.cuda.device_count(),
             )
-        if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=collective_timeout))
-        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
-            raise ConfigError("the process group does not match RANK / WORLD_SIZE")
-        # torchrun counts restarts per node: a node whose own workers did not fail
-        # restarts with its count unchanged. So the ranks agree on the largest count
-        # (any restart means the job resumes), and on a fresh namespace in the store
-        # from rank 0 (a store may outlive an attempt).
-        dev = torch.device("cuda", self.local_rank) if backend == "nccl" else None
-        shared = torch.tensor(
-            [self.restart, secrets.randbits(62) if self.is_server else 0], device=dev
-        )
-        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+        join = join_timeout(rank_timeout)
+        with _deadline(join + 2 * rank_timeout, self.rank, join):
+            try:
+                if not dist.is_initialized():
+                    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=join))
+                if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+                    raise ConfigError("the process group does not match RANK / WORLD_SIZE")
+                # torchrun counts restarts per node: a node whose own workers did not
+                # fail restarts with its count unchanged. So the ranks agree on the
+                # largest count (any restart means the job resumes), and on a fresh
+                # namespace in the store from rank 0 (a store may outlive an attempt).
+                dev = torch.device("cuda", self.local_rank) if backend == "nccl" else None
+                shared = torch.tensor(
+                    [self.restart, secrets.randbits(62) if self.is_server else 0], device=dev
+                )
+                dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            except (RuntimeError, TimeoutError) as exc:  # DistStoreError, gloo's timeouts
+                raise RankFailedError(
+                    None,
+                    f"the job's other ranks did not join within {join:g} s "
+                    f"({type(exc).__name__}: {_first_line(exc)})",
+                    "joining the job",
+                ) from exc
+        _set_collective_timeout(datetime.timedelta(seconds=collective_timeout))
         self.restart = int(shared[0])
         self.watch = RankWatch(
             self.rank,
@@ -164,6 +195,9 @@ class Cluster:
         self._started = True
 
     def close(self) -> None:
+        if self._launcher is not None:
+            self._launcher.close()
+            self._launcher = None
         if self.watch is not None:
             self.watch.close()
             self.watch = None
@@ -257,3 +291,110 @@ class Cluster:
         parent = run_dir if run_dir.is_dir() else None
         prefix = f"{WORK_PREFIX}rank{self.rank}-"
         return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+# -- launch checks and watches --------------------------------------------------------
+
+
+def _check_restartable(env: Mapping[str, str]) -> None:
+    """Refuse ``torchrun --max-restarts`` with the store torchrun's agents share.
+
+    With it, a restarted rank reconnects to the dead ranks of the attempt before: torchrun
+    counts restarts per node, so the ranks of one node look for the new attempt's keys
+    while the others find the old ones (pytorch#135712), and the job hangs or dies at
+    the first restart, hours after its launch. Without restarts the shared store is fine.
+    """
+    try:
+        restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        restarts = 0
+    if restarts > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ConfigError(
+            f"torchrun --max-restarts {restarts} cannot restart this job: its ranks share the "
+            "agents' store, where a restarted rank finds the dead ranks of the attempt "
+            "before (pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before "
+            "torchrun, or leave out --max-restarts"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def _set_collective_timeout(timeout: datetime.timedelta) -> None:
+    """Collectives get their own timeout once the group is joined (torch >= 2.3)."""
+    setter = getattr(dist, "set_timeout", None) or getattr(
+        dist.distributed_c10d, "_set_pg_timeout", None
+    )
+    if setter is not None:
+        setter(timeout)
+
+
+def _stop_now(message: str) -> None:
+    """One line, then exit: for a rank whose main thread is stuck in torch's C++ (a
+    join that never completes), where no Python exception can reach it."""
+    with contextlib.suppress(Exception):
+        print(f"emberfl: error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, rank: int, join: float) -> Any:
+    """Exit the process when the block has not finished within ``seconds``: torch's own
+    join timeout normally ends it first, with an exception."""
+    timer = threading.Timer(
+        seconds,
+        _stop_now,
+        (f"rank {rank}: the job's other ranks did not join within {join:g} s; stopping",),
+    )
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+class _LauncherWatch:
+    """Stops this rank when the process that launched it (torchrun's agent) is gone.
+
+    A rank whose agent died is an orphan: nothing restarts it or stops it, and it would
+    run on, or wait forever for ranks that will not come, holding the run directory's
+    lock. Its parent process changes when the agent dies (it is re-parented to init or
+    a subreaper), so a thread compares ``getppid()`` with the one at the start; then
+    SIGTERM stops the rank as ``emberfl`` stops on SIGTERM (workers stopped, scratch
+    removed), and if that has not ended it within the grace period, it exits.
+    """
+
+    def __init__(self, rank: int, grace: float) -> None:
+        self.rank, self.grace = rank, max(5.0, 2 * grace)
+        self._parent = os.getppid()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self._parent > 1:  # a parent to watch (not started by init itself)
+            self._thread = threading.Thread(
+                target=self._watch, name="emberfl-launcher-watch", daemon=True
+            )
+            self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(_LAUNCHER_POLL):
+            if os.getppid() == self._parent:
+                continue
+            with contextlib.suppress(Exception):
+                print(
+                    f"emberfl: error: rank {self.rank}: its launcher (pid {self._parent}) "
+                    "exited; stopping",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            os.kill(os.getpid(), signal.SIGTERM)
+            if not self._stop.wait(self.grace):
+                _stop_now(f"rank {self.rank} did not stop within {self.grace:g} s of SIGTERM")
+            return
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * _LAUNCHER_POLL + 1)
