@@ -268,7 +268,8 @@ def _run_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="SECONDS",
         default=d.rank_timeout,
         help="under torchrun: how long a silent rank (dead, stopped, its node lost) is "
-        "waited for before every other rank stops with an error naming it",
+        "waited for before every other rank stops with an error naming it; ranks that have "
+        "not all joined the job within max(30, 6 x this) seconds stop too",
     )
     g.add_argument(
         "--no-progress",
