@@ -60,7 +60,8 @@ _NUMPY_STORABLE = frozenset(
         np.bool_,
     )
 )
-_TORCH_STORABLE = frozenset(
+#: The torch dtypes a package's tensors may have (the store's).
+STORABLE_DTYPES = frozenset(
     {
         torch.float64,
         torch.float32,
@@ -103,7 +104,7 @@ class _SplitPickler(pickle.Pickler):
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
-            if obj.dtype not in _TORCH_STORABLE:
+            if obj.dtype not in STORABLE_DTYPES:
                 raise PackageError(
                     f"package tensor of dtype {obj.dtype} and shape {tuple(obj.shape)} "
                     "cannot be stored (supported: float64/32/16, bfloat16, int64/32/16/8, "

@@ -34,6 +34,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from emberfl.core.packages import STORABLE_DTYPES
+
 __all__ = [
     "BUFFER_LIMIT",
     "MESSAGE_LIMIT",
@@ -60,21 +62,7 @@ Layout = list[tuple[str, str, list[int]]]
 _MAX_DIMS = 32
 
 # The dtypes a package's tensors may have (the store's), by the names layouts use.
-_DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-    )
-}
+_DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in STORABLE_DTYPES}
 
 
 class PeerDataError(ValueError):
