@@ -7,7 +7,7 @@ ways on the same cores:
 ``1 rank x W``  one process with a process pool of ``--workers`` workers;
 ``R ranks x 1`` ``R = --workers`` ranks (RANK / WORLD_SIZE / MASTER_ADDR, as torchrun
                 starts them, gloo over loopback), each a process pool of one worker,
-                wrapped in :class:`~emberfl.core.distributed_trainer.DistributedClientTrainer`.
+                wrapped in :class:`~emberfl.distributed.trainer.DistributedClientTrainer`.
 
 Both end with the same model, bit for bit (checked here). A row gives the median steady
 round of ``--repeat`` alternating runs, their ratio, and what a round moves between the
@@ -25,7 +25,7 @@ Then a projection (a formula applied to the measured numbers, not a measurement)
 with ``t_client`` the measured steady round of one rank divided by its clients per
 worker, ``B_model`` the model's bytes, ``B_sums`` one rank's exact sums (16 bytes per
 parameter: one 128-bit integer each), both taken once per level of a binomial tree
-(the sums' tree is :func:`~emberfl.core.distributed.combine_sums`; the broadcast is
+(the sums' tree is :func:`~emberfl.distributed.collectives.combine_sums`; the broadcast is
 torch's, at most that), and ``b_meta`` a client's stand-in (measured, a few hundred
 bytes). Latency, the store's meetings and rank 0's own work are left out.
 
@@ -61,7 +61,7 @@ from e2e_report import (
     make_data,
 )
 from emberfl.core import FoldTerm, UplinkFold
-from emberfl.core.distributed_trainer import DistributedClientTrainer
+from emberfl.distributed.trainer import DistributedClientTrainer
 from emberfl.models import create_model
 
 

@@ -44,7 +44,6 @@ from typing import Any
 import torch
 
 from emberfl import __version__, store
-from emberfl.core.client_trainer import set_rounds_run
 from emberfl.crashpoints import crash_point
 from emberfl.fileio import (
     UnsafePathError,
@@ -60,6 +59,7 @@ from emberfl.fileio import (
     refuse_symlink,
 )
 from emberfl.metrics import METRICS_FILE
+from emberfl.runtimes.common import set_rounds_run
 
 logger = logging.getLogger(__name__)
 

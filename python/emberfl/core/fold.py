@@ -136,7 +136,7 @@ class WireStandIn:
         """The stand-in, rebuilt around data-less ``meta`` tensors; ``load`` unpickles
         the skeleton (default: :func:`~emberfl.core.packages.join_package`, for this
         machine's workers; another rank's goes through
-        :func:`~emberfl.core.peer_codec.load_skeleton`)."""
+        :func:`~emberfl.distributed.peer_codec.load_skeleton`)."""
         skeleton = join_package(self.skeleton, {}) if load is None else load(self.skeleton)
         return map_fields(skeleton, lambda _, v: v.meta() if isinstance(v, _Shape) else v)
 

@@ -32,6 +32,9 @@ __all__ = [
     "Normalization",
     "TensorSource",
     "Transform",
+    "as_index_tensor",
+    "check_range",
+    "is_integer_dtype",
     "iter_batches",
 ]
 
@@ -56,11 +59,12 @@ class TensorSource(Protocol):
         ...
 
 
-def _is_integer_dtype(dtype: torch.dtype) -> bool:
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds integers (not floating point, complex or bool)."""
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
-def _as_index_tensor(value: object, what: str) -> torch.Tensor:
+def as_index_tensor(value: object, what: str) -> torch.Tensor:
     """``value`` as a 1-D int64 tensor (lists, numpy arrays and tensors of integers)."""
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu()
@@ -74,14 +78,15 @@ def _as_index_tensor(value: object, what: str) -> torch.Tensor:
         if array.dtype.kind not in "iu":
             raise TypeError(f"{what}: expected integers, got dtype {array.dtype}")
         t = torch.from_numpy(array.astype(np.int64, copy=False))
-    if not _is_integer_dtype(t.dtype):
+    if not is_integer_dtype(t.dtype):
         raise TypeError(f"{what}: expected integers, got dtype {t.dtype}")
     if t.dim() != 1:
         raise ValueError(f"{what}: expected a 1-D list of indices, got shape {tuple(t.shape)}")
     return t.to(torch.int64).contiguous()
 
 
-def _check_range(indices: torch.Tensor, n: int, what: str) -> None:
+def check_range(indices: torch.Tensor, n: int, what: str) -> None:
+    """``IndexError`` naming ``what`` unless every index lies in ``[0, n)``."""
     if indices.numel() == 0:
         return
     lo, hi = int(indices.min()), int(indices.max())
@@ -199,8 +204,8 @@ class MappedArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.labels = labels
         self.indices: torch.Tensor | None = None
         if indices is not None:
-            self.indices = _as_index_tensor(indices, "indices")
-            _check_range(self.indices, features.shape[0], "indices")
+            self.indices = as_index_tensor(indices, "indices")
+            check_range(self.indices, features.shape[0], "indices")
         self.transform = transform
         self.target_transform = target_transform
         self.normalization = normalization
@@ -241,7 +246,7 @@ class MappedArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         Equal to collating ``[self[i] for i in positions]`` with the default collate
         function, but without per-sample work when no transforms are set.
         """
-        pos = _as_index_tensor(positions, "positions")
+        pos = as_index_tensor(positions, "positions")
         n = len(self)
         if pos.numel() and (int(pos.min()) < -n or int(pos.max()) >= n):
             raise IndexError(f"positions out of range for a dataset of {n} samples")
@@ -266,8 +271,8 @@ class MappedArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def subset(self, positions: IndexList) -> MappedArrayDataset:
         """A dataset over ``self[positions]`` sharing the same tensors and settings."""
-        pos = _as_index_tensor(positions, "positions")
-        _check_range(pos, len(self), "positions")
+        pos = as_index_tensor(positions, "positions")
+        check_range(pos, len(self), "positions")
         rows = pos if self.indices is None else self.indices.index_select(0, pos)
         return MappedArrayDataset(
             self.features,

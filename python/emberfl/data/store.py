@@ -51,9 +51,9 @@ from emberfl.data.mapped import (
     MappedDataLoader,
     Normalization,
     Transform,
-    _as_index_tensor,
-    _check_range,
-    _is_integer_dtype,
+    as_index_tensor,
+    check_range,
+    is_integer_dtype,
 )
 from emberfl.reproducibility import check_client_id
 
@@ -194,7 +194,7 @@ class DatasetStore:
             ):
                 raise store.StoreError(f"{what}: offsets are not a valid CSR offset list")
             try:
-                _check_range(indices, self._splits[split][0].shape[0], what)
+                check_range(indices, self._splits[split][0].shape[0], what)
             except IndexError as exc:
                 raise store.StoreError(str(exc)) from None
             self._partitions[type_] = _Partition(split, indices, offsets)
@@ -244,7 +244,7 @@ class DatasetStore:
                 raise ValueError(
                     f"splits[{name!r}] labels must be 1-D, got shape {tuple(labels.shape)}"
                 )
-            if not _is_integer_dtype(labels.dtype):
+            if not is_integer_dtype(labels.dtype):
                 raise TypeError(f"splits[{name!r}] labels must be integers, got {labels.dtype}")
             if features.shape[0] != labels.shape[0]:
                 raise ValueError(
@@ -278,8 +278,8 @@ class DatasetStore:
             chunks = []
             for cid, client in enumerate(lists):
                 what = f"partition {type_!r}, client {cid}"
-                idx = _as_index_tensor(client, what)
-                _check_range(idx, n, what)
+                idx = as_index_tensor(client, what)
+                check_range(idx, n, what)
                 chunks.append(idx)
             offsets = torch.zeros(len(chunks) + 1, dtype=torch.int64)
             if chunks:

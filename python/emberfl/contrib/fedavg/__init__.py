@@ -2,11 +2,11 @@
 
 The pieces, each an extension point for the other algorithms of this package:
 
-* packages (:mod:`~emberfl.contrib.fedavg.packages`) -- :class:`FedAvgDownlinkPackage`
+* packages (:mod:`emberfl.core.model_packages`) -- :class:`FedAvgDownlinkPackage`
   (the global state vector) and :class:`FedAvgUplinkPackage` (a client's state
   vector, its number of samples and training metadata: ``loss``, ``steps``,
   ``train_seconds``);
-* the client update (:mod:`~emberfl.contrib.fedavg.update`) -- :class:`FedAvgClientUpdate`,
+* the client update (:mod:`emberfl.core.step`) -- :class:`FedAvgClientUpdate`,
   what one client does in a round. FedProx and SCAFFOLD subclass it through three
   hooks (``begin``, ``after_backward``, ``finish``); it is stateless, so one object
   serves every thread and pickles into worker processes. Its ``batched_step`` is
@@ -15,35 +15,37 @@ The pieces, each an extension point for the other algorithms of this package:
 * the server (:mod:`~emberfl.contrib.fedavg.server`) -- :class:`FedAvgBaseServerHandler`:
   sampling, aggregation (in an :class:`~emberfl.streaming.StreamingSum`, as a list or
   uplink by uplink while the round runs, bitwise the same) and evaluation;
-* the client trainers (:mod:`~emberfl.contrib.fedavg.trainers`) with BlazeFL's
-  constructors: serial (:class:`FedAvgBaseClientTrainer`), worker processes
-  (:class:`FedAvgProcessPoolClientTrainer`) and threads
-  (:class:`FedAvgThreadPoolClientTrainer`), sharing one
-  :class:`FedAvgTrainerSettings`. All three give bitwise identical uplinks for the
-  same seed.
+* the client trainers, which are the runtimes (:mod:`emberfl.runtimes`) with BlazeFL's
+  constructors: serial (:class:`FedAvgBaseClientTrainer`,
+  :mod:`emberfl.runtimes.serial`), worker processes
+  (:class:`FedAvgProcessPoolClientTrainer`, :mod:`emberfl.runtimes.process.steps`),
+  threads (:class:`FedAvgThreadPoolClientTrainer`, :mod:`emberfl.runtimes.thread`) and
+  batched (:class:`FedAvgBatchedClientTrainer`, :mod:`emberfl.runtimes.batched`),
+  sharing one :class:`FedAvgTrainerSettings` (:mod:`emberfl.runtimes.settings`). The
+  first three give bitwise identical uplinks for the same seed.
+
+The packages, the client update and the trainers are defined in :mod:`emberfl.core`
+and :mod:`emberfl.runtimes` and re-exported here.
 """
 
-from emberfl.contrib.fedavg.batched import FedAvgBatchedClientTrainer
-from emberfl.contrib.fedavg.packages import (
+from emberfl.contrib.fedavg.server import FedAvgBaseServerHandler, NonFinitePolicy
+from emberfl.core.model_packages import (
     FedAvgDownlinkPackage,
     FedAvgPartitionedDataset,
     FedAvgPartitionType,
     FedAvgUplinkPackage,
 )
-from emberfl.contrib.fedavg.server import FedAvgBaseServerHandler, NonFinitePolicy
-from emberfl.contrib.fedavg.settings import FedAvgTrainerSettings
-from emberfl.contrib.fedavg.trainers import (
-    FedAvgBaseClientTrainer,
-    FedAvgClientConfig,
-    FedAvgProcessPoolClientTrainer,
-    FedAvgThreadPoolClientTrainer,
-)
-from emberfl.contrib.fedavg.update import (
+from emberfl.core.step import (
     BatchedClientStep,
     BatchedGroup,
     FedAvgClientUpdate,
     LocalRun,
 )
+from emberfl.runtimes.batched import FedAvgBatchedClientTrainer
+from emberfl.runtimes.process.steps import FedAvgClientConfig, FedAvgProcessPoolClientTrainer
+from emberfl.runtimes.serial import FedAvgBaseClientTrainer
+from emberfl.runtimes.settings import FedAvgTrainerSettings
+from emberfl.runtimes.thread import FedAvgThreadPoolClientTrainer
 
 __all__ = [
     "BatchedClientStep",

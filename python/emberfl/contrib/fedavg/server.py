@@ -21,14 +21,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from emberfl.aggregate import NonFiniteError
-from emberfl.contrib.checks import check_positive_int
-from emberfl.contrib.fedavg.packages import (
-    FedAvgDownlinkPackage,
-    FedAvgPartitionedDataset,
-    FedAvgPartitionType,
-    FedAvgUplinkPackage,
-)
-from emberfl.contrib.training import evaluate_loader
 from emberfl.core import (
     BaseServerHandler,
     FoldedRound,
@@ -39,6 +31,14 @@ from emberfl.core import (
     deserialize_model,
     serialize_model,
 )
+from emberfl.core.checks import check_positive_int
+from emberfl.core.model_packages import (
+    FedAvgDownlinkPackage,
+    FedAvgPartitionedDataset,
+    FedAvgPartitionType,
+    FedAvgUplinkPackage,
+)
+from emberfl.core.training import evaluate_loader
 from emberfl.reproducibility import (
     check_seed,
     create_rng_suite,

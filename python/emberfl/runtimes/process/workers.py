@@ -1,10 +1,11 @@
 """What a process-pool trainer owns, and its life: worker processes and share directory.
 
-A :class:`_ProcessRuntime` holds the :class:`~emberfl.core.pool.WorkerPool`, the
-share directory with its stop flag, and the in-process runner used for
-``num_parallels=0``; it never refers back to the trainer, so the trainer can be
-collected while it runs. The trainer's settings that shape the workers
-(``start_method``, ``torch_threads``, ``prewarm``) are read here.
+A :class:`ProcessRuntime` holds the
+:class:`~emberfl.runtimes.process.pool.WorkerPool`, the share directory with its stop
+flag, and the in-process runner used for ``num_parallels=0``; it never refers back to
+the trainer, so the trainer can be collected while it runs. The trainer's settings
+that shape the workers (``start_method``, ``torch_threads``, ``prewarm``) are read
+here (:func:`read_start_method`, :func:`read_torch_threads`, :func:`prewarm`).
 """
 
 from __future__ import annotations
@@ -13,21 +14,27 @@ import logging
 import os
 from pathlib import Path
 
-from emberfl.core.client_trainer import (
-    _RUNTIME_ATTR,
-    _attach_runtime,
-    _attached_runtime,
-    _read_parallels,
+from emberfl.runtimes.common import (
+    RUNTIME_ATTR,
+    attach_runtime,
+    attached_runtime,
+    read_parallels,
 )
-from emberfl.core.pool import WorkerPool
-from emberfl.core.runtime import SharedFlag, ShareDir, TaskRunner
+from emberfl.runtimes.process.pool import WorkerPool
+from emberfl.runtimes.tasks import SharedFlag, ShareDir, TaskRunner
 
-__all__: list[str] = []
+__all__ = [
+    "ProcessRuntime",
+    "prewarm",
+    "process_runtime",
+    "read_start_method",
+    "read_torch_threads",
+]
 
 logger = logging.getLogger("emberfl.core")
 
 
-class _ProcessRuntime:
+class ProcessRuntime:
     """Everything a process-pool trainer owns; never refers back to the trainer."""
 
     def __init__(self) -> None:
@@ -80,32 +87,32 @@ class _ProcessRuntime:
                 self._share.close()
 
 
-def _process_runtime(trainer: object) -> _ProcessRuntime:
-    runtime = _attached_runtime(trainer, _ProcessRuntime)
+def process_runtime(trainer: object) -> ProcessRuntime:
+    runtime = attached_runtime(trainer, ProcessRuntime)
     if runtime is not None:
         return runtime
-    return _attach_runtime(trainer, _ProcessRuntime())
+    return attach_runtime(trainer, ProcessRuntime())
 
 
-def _prewarm(trainer: object) -> None:
+def prewarm(trainer: object) -> None:
     """Start the workers as soon as a trainer is built, so that their start-up
     (a fresh interpreter importing torch takes seconds) overlaps whatever the caller
     does before the first round. Off with ``prewarm = False``; any problem here is
     left for the first ``local_process`` to report.
     """
-    if not getattr(trainer, "prewarm", True) or getattr(trainer, _RUNTIME_ATTR, None) is not None:
+    if not getattr(trainer, "prewarm", True) or getattr(trainer, RUNTIME_ATTR, None) is not None:
         return
     try:
-        parallels = _read_parallels(trainer, minimum=0)
+        parallels = read_parallels(trainer, minimum=0)
         if parallels == 0:
             return
-        runtime = _process_runtime(trainer)
-        runtime.ensure_pool(parallels, _torch_threads(trainer), _start_method(trainer))
+        runtime = process_runtime(trainer)
+        runtime.ensure_pool(parallels, read_torch_threads(trainer), read_start_method(trainer))
     except Exception:
         logger.debug("worker start at construction failed; retried on first use", exc_info=True)
 
 
-def _start_method(trainer: object) -> str:
+def read_start_method(trainer: object) -> str:
     method = getattr(trainer, "start_method", "spawn")
     if method not in ("spawn", "forkserver"):
         raise ValueError(
@@ -114,7 +121,7 @@ def _start_method(trainer: object) -> str:
     return str(method)
 
 
-def _torch_threads(trainer: object) -> int:
+def read_torch_threads(trainer: object) -> int:
     # One thread per client by default, whatever the number of workers: torch's
     # reductions split their work by thread count, so the count decides the bits.
     threads = getattr(trainer, "torch_threads", None)

@@ -109,8 +109,8 @@ _TORCH: dict[str, object] = {
 _EMBERFL = frozenset(
     {
         ("emberfl.core.fold", "_Shape"),
-        ("emberfl.contrib.fedavg.packages", "FedAvgUplinkPackage"),
-        ("emberfl.contrib.fedavg.packages", "FedAvgDownlinkPackage"),
+        ("emberfl.core.model_packages", "FedAvgUplinkPackage"),
+        ("emberfl.core.model_packages", "FedAvgDownlinkPackage"),
         ("emberfl.contrib.scaffold", "ScaffoldUplinkPackage"),
         ("emberfl.contrib.scaffold", "ScaffoldDownlinkPackage"),
     }
@@ -271,7 +271,7 @@ class PeerUnpickler(pickle._Unpickler):
                 self.sender,
                 f"a package naming {module}.{name}, which is not an allowed type "
                 "(declare the job's own package types on every rank with "
-                "emberfl.core.peer_codec.allow_peer_types)",
+                "emberfl.distributed.peer_codec.allow_peer_types)",
             )
         return found
 

@@ -5,7 +5,7 @@ the same command with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` 
 their environment; :meth:`Cluster.from_env` reads them (``None``: one process, as
 without torchrun). Rank 0 is the server and the only writer of the run directory;
 every rank trains its share of each round with its own workers (see
-:class:`~emberfl.core.distributed_trainer.DistributedClientTrainer`).
+:class:`~emberfl.distributed.trainer.DistributedClientTrainer`).
 
 Before anything trains, :meth:`Cluster.agree` checks that the ranks can work together:
 the same emberfl version and configuration on every rank (a bad launch gets one clear
@@ -44,14 +44,14 @@ import torch.distributed as dist
 
 from emberfl import __version__
 from emberfl.checkpoint import WORK_PREFIX
-from emberfl.config import ConfigError
 from emberfl.core.errors import RankFailedError
-from emberfl.core.rank_watch import RankWatch
+from emberfl.core.setting import ConfigError
+from emberfl.distributed.rank_watch import RankWatch
 from emberfl.fileio import atomic_write_text
 
 __all__ = ["Cluster", "join_timeout"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("emberfl.cluster")  # the name it had before it moved
 
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # May differ between ranks: whether stderr is a terminal, and a default output

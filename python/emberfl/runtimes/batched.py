@@ -1,4 +1,4 @@
-"""Many small clients in one call: K clients of a round trained as one batched model.
+"""The batched runtime: K clients of a round trained as one batched model (torch.func).
 
 For the small models of FL research one client's SGD step is too small to fill a
 core's vector units, let alone a GPU: per-op overhead dominates. Here the K clients
@@ -15,7 +15,7 @@ nor count the step. Results agree with the per-client path within float toleranc
 bitwise: the batched GEMMs sum in another order.
 
 Supported: the client steps whose :meth:`FedAvgClientUpdate.batched_step` gives a
-:class:`~emberfl.contrib.fedavg.update.BatchedClientStep` -- FedAvg's, FedProx's
+:class:`~emberfl.core.step.BatchedClientStep` -- FedAvg's, FedProx's
 (``mu * (w - w_global)`` added to each gradient) and SCAFFOLD's (``c - c_i`` added,
 with ``c_i`` stacked per client), so FedAvg, FedProx, SCAFFOLD and the FedOpt
 servers. Models whose training writes
@@ -36,24 +36,20 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-from emberfl.contrib.checks import check_positive_int
-from emberfl.contrib.fedavg.packages import (
+from emberfl.core.checks import check_positive_int
+from emberfl.core.client_trainer import BaseClientTrainer, deliver_uplink
+from emberfl.core.fold import InProcessFold, read_fold
+from emberfl.core.model_packages import (
     FedAvgDownlinkPackage,
     FedAvgPartitionedDataset,
     FedAvgUplinkPackage,
 )
-from emberfl.contrib.fedavg.settings import FedAvgTrainerSettings, SettingsAttributes
-from emberfl.contrib.fedavg.trainers import as_payload, client_loader, client_round
-from emberfl.contrib.fedavg.update import BatchedClientStep, BatchedGroup, FedAvgClientUpdate
-from emberfl.core import (
-    BaseClientTrainer,
-    ModelSelector,
-    deliver_uplink,
-    deserialize_model,
-    serialize_model,
-)
-from emberfl.core.fold import InProcessFold, read_fold
+from emberfl.core.model_selector import ModelSelector
+from emberfl.core.step import BatchedClientStep, BatchedGroup, FedAvgClientUpdate
+from emberfl.core.utils import deserialize_model, serialize_model
 from emberfl.reproducibility import RandomStateSnapshot
+from emberfl.runtimes.client_round import as_payload, client_loader, client_round
+from emberfl.runtimes.settings import FedAvgTrainerSettings, SettingsAttributes
 
 __all__ = ["FedAvgBatchedClientTrainer", "check_batchable"]
 
@@ -68,9 +64,9 @@ def _batched_step(update: FedAvgClientUpdate) -> BatchedClientStep:
     step = update.batched_step()
     if step is None:
         raise ValueError(
-            f"the batched runtime trains FedAvg's, FedProx's and SCAFFOLD's client steps "
-            f"only, not {type(update).__name__} (its hooks run per client): use the process, "
-            "thread or serial runtime"
+            "the batched runtime trains FedAvg's, FedProx's and SCAFFOLD's client steps "
+            f"only (and others with a batched form), not {type(update).__name__} (its "
+            "hooks run per client): use the process, thread or serial runtime"
         )
     return step
 

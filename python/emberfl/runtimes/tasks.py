@@ -1,4 +1,7 @@
-"""Pieces shared by the worker processes and the in-process path.
+"""Rounds and client tasks, and the files a client runs from (in a worker or in-process).
+
+Shared by the worker processes (:mod:`emberfl.runtimes.process.pool`) and the
+process pool's in-process path (``num_parallels=0``):
 
 * :class:`ShareDir` -- the directory round files live in (owned, removed on close);
 * :class:`SharedFlag` -- a stop flag in an 8-byte shared file mapping: it pickles as
@@ -39,31 +42,11 @@ __all__ = [
     "SharedFlag",
     "TaskRunner",
     "TaskSpec",
-    "available_cpus",
-    "rank_cpus",
 ]
 
 logger = logging.getLogger("emberfl.core.runtime")
 
 _ALIGN = 64  # every staged tensor starts on a cache line, so any dtype can view it
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (the affinity mask, which containers narrow)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def rank_cpus() -> int:
-    """This process's share of :func:`available_cpus`: under torchrun the ranks of a node
-    (``LOCAL_WORLD_SIZE``) share its CPUs evenly, so that they do not oversubscribe them."""
-    try:
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    except ValueError:
-        local_ranks = 1
-    return max(1, available_cpus() // max(1, local_ranks))
 
 
 class ShareDir:

@@ -1,4 +1,4 @@
-"""Argument checks shared by the algorithms, worded as BlazeFL words them.
+"""Argument checks shared by the algorithms and runtimes, worded as BlazeFL words them.
 
 BlazeFL's users match on "<name> must be positive"; the messages start that way and
 add the exact rule. A value of the wrong type raises ``TypeError``, one out of range

@@ -14,10 +14,10 @@ The building blocks of a multi-rank round, each called by every rank of the grou
   rank whatever the number of clients, and the same bits for any world size;
 * :func:`gather_bytes` -- small per-rank results (the clients' stand-ins) to one rank.
 
-What a rank receives is decoded by :mod:`emberfl.core.peer_codec`: layouts are JSON,
+What a rank receives is decoded by :mod:`emberfl.distributed.peer_codec`: layouts are JSON,
 skeletons go through its restricted unpickler (an allow-list of types, tensors only
 from the buffers received), and every length is checked before a buffer is allocated;
-a bad one raises :class:`~emberfl.core.peer_codec.PeerDataError` naming the rank.
+a bad one raises :class:`~emberfl.distributed.peer_codec.PeerDataError` naming the rank.
 torch.distributed's store and gloo have no authentication: firewall their ports to
 the job's nodes.
 """
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from emberfl.core.packages import split_package
-from emberfl.core.peer_codec import (
+from emberfl.distributed.peer_codec import (
     BUFFER_LIMIT,
     MESSAGE_LIMIT,
     Layout,
@@ -125,7 +125,7 @@ def broadcast_tensors(
     """Rank ``src``'s ``tensors`` on every rank (the others pass ``None``; all know the
     ``layout``): one contiguous buffer per dtype, in a fixed order, so a model moves in
     one collective per dtype whatever its number of tensors. A receiver checks the
-    layout (:func:`~emberfl.core.peer_codec.check_layout`) before allocating."""
+    layout (:func:`~emberfl.distributed.peer_codec.check_layout`) before allocating."""
     if tensors is None:
         layout = check_layout(layout, src)
     dev = _device(group)
@@ -154,9 +154,9 @@ def broadcast_package(
 ) -> Any:
     """``package`` of rank ``src``, on every rank (the others pass ``None``): its
     skeleton and layout, then :func:`broadcast_tensors`. The others rebuild it with
-    :func:`~emberfl.core.peer_codec.load_skeleton`: its classes must be emberfl's, plain
+    :func:`~emberfl.distributed.peer_codec.load_skeleton`: its classes must be emberfl's, plain
     builtins, ``types`` or declared with
-    :func:`~emberfl.core.peer_codec.allow_peer_types`."""
+    :func:`~emberfl.distributed.peer_codec.allow_peer_types`."""
     skeleton = layout_json = None
     tensors = None
     if dist.get_rank(group) == src:
@@ -245,7 +245,7 @@ def gather_bytes(
 ) -> list[bytes] | None:
     """Every rank's ``data``, in rank order, on rank ``dst`` (the others get ``None``):
     each rank sends its length and bytes to ``dst``, no collective. A length over
-    ``limit`` (or negative) raises :class:`~emberfl.core.peer_codec.PeerDataError`
+    ``limit`` (or negative) raises :class:`~emberfl.distributed.peer_codec.PeerDataError`
     before anything is allocated."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     dev = _device(group)

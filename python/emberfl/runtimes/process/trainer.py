@@ -4,7 +4,7 @@ The payload is written once per round to a package file that every worker maps;
 each client's result comes back the same way (or, with ``uplink_fold``, is folded
 into its worker's sums, which come back once per round) and is handed over in the
 order of ``cid_list`` as it arrives. The worker processes and the share directory
-are owned by the trainer's runtime (:mod:`emberfl.core.workers`).
+are owned by the trainer's runtime (:mod:`emberfl.runtimes.process.workers`).
 
 Besides the optional attributes both pools read (``seed``, ``progress``,
 ``client_timeout``, ``on_uplink``, ``uplink_fold``; see
@@ -57,34 +57,36 @@ from emberfl.core.client_trainer import (
     BaseClientTrainer,
     DownlinkPackage,
     UplinkPackage,
-    _attached_runtime,
-    _check_cids,
-    _client_device,
-    _InOrder,
-    _next_round,
-    _overrides,
-    _Progress,
-    _read_parallels,
-    _read_seed,
-    _read_timeout,
-    _RoundCounter,
-    _shutdown_runtime,
     deliver_uplink,
 )
 from emberfl.core.errors import ClientError
 from emberfl.core.fold import FoldCollector, WireStandIn, read_fold
 from emberfl.core.ipc import IPCMode, accept_ipc_mode
 from emberfl.core.packages import load_package, save_package, split_package
-from emberfl.core.pool import RoundRun, WorkerPool
-from emberfl.core.runtime import RoundSpec, SharedFlag, TaskRunner, TaskSpec
-from emberfl.core.workers import (
-    _prewarm,
-    _process_runtime,
-    _ProcessRuntime,
-    _start_method,
-    _torch_threads,
-)
 from emberfl.reproducibility import RandomStateSnapshot
+from emberfl.runtimes.common import (
+    InOrder,
+    Progress,
+    RoundCounter,
+    attached_runtime,
+    check_cids,
+    client_device,
+    next_round,
+    overrides,
+    read_parallels,
+    read_seed,
+    read_timeout,
+    shutdown_runtime,
+)
+from emberfl.runtimes.process.pool import RoundRun, WorkerPool
+from emberfl.runtimes.process.workers import (
+    ProcessRuntime,
+    prewarm,
+    process_runtime,
+    read_start_method,
+    read_torch_threads,
+)
+from emberfl.runtimes.tasks import RoundSpec, SharedFlag, TaskRunner, TaskSpec
 
 __all__ = ["ProcessPoolClientTrainer"]
 
@@ -127,7 +129,7 @@ def _read_ipc_mode(trainer: object) -> None:
 
     The protocol's own default is not reported: only a value the user chose is.
     """
-    if "ipc_mode" in getattr(trainer, "__dict__", {}) or _overrides(
+    if "ipc_mode" in getattr(trainer, "__dict__", {}) or overrides(
         trainer, ProcessPoolClientTrainer, "ipc_mode"
     ):
         try:
@@ -154,7 +156,7 @@ def _transportable_event(user_event: Any, flag: SharedFlag) -> Any:
 
 class ProcessPoolClientTrainer(
     BaseClientTrainer[UplinkPackage, DownlinkPackage],
-    _RoundCounter,
+    RoundCounter,
     Protocol[UplinkPackage, DownlinkPackage, ClientConfig, BufferPackage],
 ):
     """Runs clients in ``num_parallels`` persistent worker processes.
@@ -171,7 +173,7 @@ class ProcessPoolClientTrainer(
     files -- handy under a debugger; the global random state is restored afterwards
     (``client_timeout`` and ``retry_crashed`` do not apply there).
 
-    See :mod:`emberfl.core.process_pool` for the optional attributes (``seed``,
+    See :mod:`emberfl.runtimes.process.trainer` for the optional attributes (``seed``,
     ``share_dir``, ``progress``, ``retry_crashed``, ``client_timeout``,
     ``torch_threads``, ``start_method``, ``prewarm``, ``ipc_mode``).
 
@@ -212,7 +214,7 @@ class ProcessPoolClientTrainer(
             # Only once the outermost __init__ is done (it is the one type(self)
             # resolves to), so attributes set after a super().__init__() count.
             if type(self).__init__ is __init__:
-                _prewarm(self)
+                prewarm(self)
 
         __init__._emberfl_prewarm = True  # type: ignore[attr-defined]
         cls.__init__ = __init__  # type: ignore[method-assign]
@@ -235,7 +237,7 @@ class ProcessPoolClientTrainer(
 
     def get_client_device(self, cid: int) -> str:
         """The device client ``cid`` runs on: ``cuda:{cid % device_count}`` for "cuda"."""
-        return _client_device(self, cid)
+        return client_device(self, cid)
 
     @staticmethod
     def worker(
@@ -267,7 +269,7 @@ class ProcessPoolClientTrainer(
 
     def shutdown(self) -> None:
         """Stop the workers, remove the share directory and shut down ``self.manager``."""
-        _shutdown_runtime(self)
+        shutdown_runtime(self)
         manager = getattr(self, "manager", None)
         shutdown = getattr(manager, "shutdown", None)
         if callable(shutdown):
@@ -287,18 +289,18 @@ class ProcessPoolClientTrainer(
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            _shutdown_runtime(self)
+            shutdown_runtime(self)
 
     @property
     def share_path(self) -> Path | None:
         """The directory this trainer's round files go to (None before the first round)."""
-        runtime = _attached_runtime(self, _ProcessRuntime)
+        runtime = attached_runtime(self, ProcessRuntime)
         return None if runtime is None else runtime.share_path
 
     @property
     def worker_pids(self) -> list[int]:
         """Process ids of the running workers (empty before the first round)."""
-        runtime = _attached_runtime(self, _ProcessRuntime)
+        runtime = attached_runtime(self, ProcessRuntime)
         if runtime is None or runtime.pool is None:
             return []
         return runtime.pool.pids
@@ -314,17 +316,17 @@ class ProcessPoolClientTrainer(
         :class:`WorkerCrashedError` when a worker dies, and re-raises
         ``KeyboardInterrupt`` after stopping every worker and removing the files.
         """
-        cids = _check_cids(cid_list)
-        parallels = _read_parallels(self, minimum=0)
-        seed = _read_seed(self)
-        timeout = _read_timeout(self)
+        cids = check_cids(cid_list)
+        parallels = read_parallels(self, minimum=0)
+        seed = read_seed(self)
+        timeout = read_timeout(self)
         _read_ipc_mode(self)
         if getattr(self, "cache", None) is None:
             self.cache = []
-        runtime = _process_runtime(self)
+        runtime = process_runtime(self)
         # Before the round counter moves: a share_dir that cannot be made runs no round.
         share, stop_flag = runtime.ensure_share(getattr(self, "share_dir", None))
-        round_index = _next_round(self)
+        round_index = next_round(self)
         user_event = getattr(self, "stop_event", None)
         if user_event is not None:
             user_event.clear()
@@ -339,7 +341,7 @@ class ProcessPoolClientTrainer(
             if parallels > 0:
                 # Started before the payload is written, so spawning overlaps it.
                 pool: WorkerPool | None = runtime.ensure_pool(
-                    parallels, _torch_threads(self), _start_method(self)
+                    parallels, read_torch_threads(self), read_start_method(self)
                 )
             else:
                 pool = None
@@ -347,7 +349,7 @@ class ProcessPoolClientTrainer(
             downlink = round_dir / "downlink.safetensors"
             save_package(downlink, payload)
             template = None
-            if _overrides(self, ProcessPoolClientTrainer, "prepare_uplink_package_buffer"):
+            if overrides(self, ProcessPoolClientTrainer, "prepare_uplink_package_buffer"):
                 template = round_dir / "uplink-buffer.safetensors"
                 save_package(template, self.prepare_uplink_package_buffer())
             if not isinstance(inspect.getattr_static(type(self), "worker"), staticmethod):
@@ -398,7 +400,7 @@ class ProcessPoolClientTrainer(
                     uplink=str(uplinks[index]),
                 )
 
-            convert = template is not None or _overrides(
+            convert = template is not None or overrides(
                 self, ProcessPoolClientTrainer, "convert_buffer_to_uplink"
             )
 
@@ -418,7 +420,7 @@ class ProcessPoolClientTrainer(
                     package = self.convert_buffer_to_uplink(package)
                 results.append(deliver_uplink(self, index, package))
 
-            in_order = _InOrder(len(cids), take)
+            in_order = InOrder(len(cids), take)
             if pool is None:
                 self._run_inline(
                     runtime, spec, make_task, len(cids), round_index, in_order, wires, collector
@@ -445,7 +447,7 @@ class ProcessPoolClientTrainer(
         except KeyboardInterrupt:
             results.clear()
             logger.info("interrupted: stopping workers and removing %s", share.path)
-            _shutdown_runtime(self, graceful=False)
+            shutdown_runtime(self, graceful=False)
             raise
         except BaseException:
             # The error's traceback keeps this frame alive as long as the caller
@@ -472,13 +474,13 @@ class ProcessPoolClientTrainer(
         timeout: float | None,
         user_event: Any,
         flag: SharedFlag,
-        in_order: _InOrder,
+        in_order: InOrder,
         wires: dict[int, WireStandIn],
         collector: FoldCollector | None,
         round_dir: Path,
     ) -> None:
-        custom_progress = _overrides(self, ProcessPoolClientTrainer, "progress_fn")
-        bar = _Progress(
+        custom_progress = overrides(self, ProcessPoolClientTrainer, "progress_fn")
+        bar = Progress(
             count, round_index, bool(getattr(self, "progress", True)) and not custom_progress
         )
         mirror = None
@@ -522,12 +524,12 @@ class ProcessPoolClientTrainer(
 
     def _run_inline(
         self,
-        runtime: _ProcessRuntime,
+        runtime: ProcessRuntime,
         spec: RoundSpec,
         make_task: Callable[[int], TaskSpec],
         count: int,
         round_index: int,
-        in_order: _InOrder,
+        in_order: InOrder,
         wires: dict[int, WireStandIn],
         collector: FoldCollector | None,
     ) -> None:
@@ -535,7 +537,7 @@ class ProcessPoolClientTrainer(
             runtime.inline = TaskRunner()
         runner = runtime.inline
         runner.set_round(spec)
-        bar = _Progress(count, round_index, bool(getattr(self, "progress", True)))
+        bar = Progress(count, round_index, bool(getattr(self, "progress", True)))
         snapshot = RandomStateSnapshot.capture()
         try:
             for index in range(count):

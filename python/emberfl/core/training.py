@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from emberfl.contrib.checks import check_nonnegative_int, check_positive_number
+from emberfl.core.checks import check_nonnegative_int, check_positive_number
 
 __all__ = ["LocalTrainingResult", "StopSignal", "evaluate_loader", "local_sgd", "sgd_step"]
 

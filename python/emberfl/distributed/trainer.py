@@ -34,11 +34,11 @@ the same bits for any number of ranks, workers per rank and runtime.
 Every tensor crosses the network raw, by the dtypes and shapes of the round header.
 The header (:class:`RoundHeader`) and each rank's stand-ins (:func:`write_stand_ins`)
 are JSON, checked field by field on arrival; the package skeletons in them are rebuilt
-by :func:`~emberfl.core.peer_codec.load_skeleton`, whose unpickler knows only
+by :func:`~emberfl.distributed.peer_codec.load_skeleton`, whose unpickler knows only
 emberfl's types, plain builtins, torch dtypes and the job's own package types (the
 local trainer's generic arguments, ``package_types`` and
-:func:`~emberfl.core.peer_codec.allow_peer_types`). Anything else stops the job with a
-:class:`~emberfl.core.peer_codec.PeerDataError` naming the rank that sent it.
+:func:`~emberfl.distributed.peer_codec.allow_peer_types`). Anything else stops the job with a
+:class:`~emberfl.distributed.peer_codec.PeerDataError` naming the rank that sent it.
 """
 
 from __future__ import annotations
@@ -54,18 +54,17 @@ from typing import Any, TypeGuard
 import torch
 import torch.distributed as dist
 
-from emberfl.core.client_trainer import set_rounds_run
-from emberfl.core.distributed import (
+from emberfl.core.errors import RankFailedError
+from emberfl.core.fold import FoldedRound, FoldTerm, UplinkFold, WireStandIn, read_fold
+from emberfl.core.packages import tensor_bytes
+from emberfl.distributed.collectives import (
     assign_clients,
     broadcast_tensors,
     combine_sums,
     describe_package,
     gather_bytes,
 )
-from emberfl.core.errors import RankFailedError
-from emberfl.core.fold import FoldedRound, FoldTerm, UplinkFold, WireStandIn, read_fold
-from emberfl.core.packages import tensor_bytes
-from emberfl.core.peer_codec import (
+from emberfl.distributed.peer_codec import (
     Layout,
     PeerDataError,
     check_layout,
@@ -74,7 +73,8 @@ from emberfl.core.peer_codec import (
     read_base64,
     read_json,
 )
-from emberfl.core.rank_watch import RankWatch
+from emberfl.distributed.rank_watch import RankWatch
+from emberfl.runtimes.common import set_rounds_run
 from emberfl.streaming import StreamingSum
 
 __all__ = ["DistributedClientTrainer", "RoundHeader", "read_stand_ins", "write_stand_ins"]
@@ -92,7 +92,7 @@ def _is_int(value: object) -> TypeGuard[int]:
 class RoundHeader:
     """What rank 0 posts in the job's store before each round, as JSON: the round's
     index, clients and their costs, the fold's terms, and the downlink's skeleton and
-    tensor layout (:func:`~emberfl.core.distributed.describe_package`)."""
+    tensor layout (:func:`~emberfl.distributed.collectives.describe_package`)."""
 
     round: int
     cids: list[int]
@@ -180,7 +180,7 @@ def read_stand_ins(
     """The stand-ins rank ``sender`` sent (``data``), rebuilt around ``meta`` tensors:
     ``(position, stand-in, NaN/Inf terms)`` each. They must be one per position the
     round gave that rank (``positions``, in order), naming only ``terms``; their
-    skeletons go through :func:`~emberfl.core.peer_codec.load_skeleton`."""
+    skeletons go through :func:`~emberfl.distributed.peer_codec.load_skeleton`."""
     obj = read_json(data, sender, "a list of stand-ins")
     names = set(terms)
     if not isinstance(obj, list) or len(obj) != len(positions):
@@ -216,7 +216,7 @@ class DistributedClientTrainer:
     ``package_types`` are classes that packages from other ranks may hold besides
     emberfl's own, plain builtins and the classes among ``local``'s generic arguments
     (``BaseClientTrainer[MyUplink, MyDownlink]``); see
-    :func:`~emberfl.core.peer_codec.allow_peer_types`.
+    :func:`~emberfl.distributed.peer_codec.allow_peer_types`.
     """
 
     def __init__(

@@ -1,10 +1,15 @@
-"""The thread-pool client trainer: clients run in daemon threads of this process.
+"""The thread-pool client trainers: clients run in daemon threads of this process.
 
 The payload is shared as it is (no files) and uplinks are handed over in the order
 of ``cid_list`` as they arrive. The optional attributes it reads (``seed``,
 ``progress``, ``client_timeout``, ``on_uplink``, ``uplink_fold``) are described in
 :mod:`emberfl.core.client_trainer`; with ``uplink_fold`` each worker thread folds
 its clients into a sum of its own.
+
+:class:`ThreadPoolClientTrainer` is BlazeFL's protocol (subclasses define
+``worker``); :class:`FedAvgThreadPoolClientTrainer` runs a client step
+(:class:`~emberfl.core.step.FedAvgClientUpdate`) in it with BlazeFL's constructor,
+bitwise like the serial and process-pool trainers.
 """
 
 from __future__ import annotations
@@ -15,34 +20,49 @@ import functools
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from queue import SimpleQueue
 from typing import Any, Protocol, TypeVar, cast
+
+import torch
+from torch import nn
 
 from emberfl.core.client_trainer import (
     BaseClientTrainer,
     DownlinkPackage,
     UplinkPackage,
-    _attach_runtime,
-    _attached_runtime,
-    _check_cids,
-    _client_device,
-    _next_round,
-    _overrides,
-    _Progress,
-    _read_parallels,
-    _read_seed,
-    _read_timeout,
-    _RoundCounter,
-    _shutdown_runtime,
     deliver_uplink,
 )
-from emberfl.core.context import ClientContext, client_scope
+from emberfl.core.context import ClientContext, client_scope, current_client
 from emberfl.core.errors import ClientError, ClientTimeoutError
 from emberfl.core.fold import InProcessFold, read_fold
+from emberfl.core.model_packages import (
+    FedAvgDownlinkPackage,
+    FedAvgPartitionedDataset,
+    FedAvgUplinkPackage,
+)
+from emberfl.core.model_selector import ModelSelector
+from emberfl.core.step import FedAvgClientUpdate
+from emberfl.runtimes.client_round import client_loader
+from emberfl.runtimes.common import (
+    Progress,
+    RoundCounter,
+    attach_runtime,
+    attached_runtime,
+    check_cids,
+    client_device,
+    next_round,
+    overrides,
+    read_parallels,
+    read_seed,
+    read_timeout,
+    shutdown_runtime,
+)
+from emberfl.runtimes.settings import FedAvgTrainerSettings, SettingsAttributes
 
-__all__ = ["ThreadPoolClientTrainer"]
+__all__ = ["FedAvgThreadPoolClientTrainer", "ThreadPoolClientTrainer"]
 
 _Self = TypeVar("_Self")
 
@@ -100,15 +120,15 @@ class _ThreadRuntime:
 
 
 def _thread_runtime(trainer: object, size: int) -> _ThreadRuntime:
-    runtime = _attached_runtime(trainer, _ThreadRuntime)
+    runtime = attached_runtime(trainer, _ThreadRuntime)
     if runtime is not None and runtime.size == size:
         return runtime
-    return _attach_runtime(trainer, _ThreadRuntime(size))
+    return attach_runtime(trainer, _ThreadRuntime(size))
 
 
 class ThreadPoolClientTrainer(
     BaseClientTrainer[UplinkPackage, DownlinkPackage],
-    _RoundCounter,
+    RoundCounter,
     Protocol[UplinkPackage, DownlinkPackage],
 ):
     """Runs clients in ``num_parallels`` threads of this process.
@@ -148,11 +168,11 @@ class ThreadPoolClientTrainer(
 
     def get_client_device(self, cid: int) -> str:
         """The device client ``cid`` runs on: ``cuda:{cid % device_count}`` for "cuda"."""
-        return _client_device(self, cid)
+        return client_device(self, cid)
 
     def shutdown(self) -> None:
         """Stop the worker threads (they finish the client they are running)."""
-        _shutdown_runtime(self)
+        shutdown_runtime(self)
 
     def close(self) -> None:
         """Same as :meth:`shutdown`."""
@@ -171,10 +191,10 @@ class ThreadPoolClientTrainer(
         the clients still running finish first, as in BlazeFL, and the pending ones
         are dropped.
         """
-        cids = _check_cids(cid_list)
-        parallels = _read_parallels(self, minimum=1)
-        seed = _read_seed(self)
-        timeout = _read_timeout(self)
+        cids = check_cids(cid_list)
+        parallels = read_parallels(self, minimum=1)
+        seed = read_seed(self)
+        timeout = read_timeout(self)
         if getattr(self, "cache", None) is None:
             self.cache = []
         stop_event = getattr(self, "stop_event", None)
@@ -182,7 +202,7 @@ class ThreadPoolClientTrainer(
             stop_event = threading.Event()
             self.stop_event = stop_event
         runtime = _thread_runtime(self, parallels)
-        round_index = _next_round(self)
+        round_index = next_round(self)
         stop_event.clear()
 
         watch = _RoundWatch(cids, timeout, stop_event)
@@ -207,8 +227,8 @@ class ThreadPoolClientTrainer(
                 watch.finished[index] = time.monotonic() - watch.running.pop(index)
 
         futures: list[Future[UplinkPackage]] = []
-        custom_progress = _overrides(self, ThreadPoolClientTrainer, "progress_fn")
-        bar = _Progress(
+        custom_progress = overrides(self, ThreadPoolClientTrainer, "progress_fn")
+        bar = Progress(
             len(cids), round_index, bool(getattr(self, "progress", True)) and not custom_progress
         )
         failure: BaseException | None = None
@@ -290,3 +310,117 @@ class _RoundWatch:
             if future.done():
                 return
             concurrent.futures.wait([future], timeout=0.2)
+
+
+# ------------------------------------------------- FedAvg's thread-pool trainer
+
+
+class FedAvgThreadPoolClientTrainer(
+    SettingsAttributes, ThreadPoolClientTrainer[FedAvgUplinkPackage, FedAvgDownlinkPackage]
+):
+    """Runs clients in ``num_parallels`` threads of this process (BlazeFL's arguments).
+
+    The payload is shared as it is. Batch orders come from each client's own
+    generator, so results equal the process pool's bit for bit. Keyword extras:
+    ``state_dir``, ``client_update`` and ``progress``.
+    """
+
+    def __init__(
+        self,
+        model_selector: ModelSelector[Any],
+        model_name: str,
+        dataset: FedAvgPartitionedDataset,
+        device: str,
+        num_clients: int,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        num_parallels: int,
+        *,
+        state_dir: Path | str | None = None,
+        client_update: FedAvgClientUpdate | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.settings = FedAvgTrainerSettings(
+            model_selector,
+            model_name,
+            dataset,
+            device,
+            num_clients,
+            epochs,
+            batch_size,
+            lr,
+            seed,
+            state_dir=None if state_dir is None else Path(state_dir),
+            client_update=FedAvgClientUpdate() if client_update is None else client_update,
+            progress=progress,
+        )
+        self.settings.client_state()  # creates state_dir now, as BlazeFL's trainers do
+        self.num_parallels = num_parallels
+        self.device_count = torch.cuda.device_count()
+        self.cache: list[FedAvgUplinkPackage] = []
+        self.stop_event = threading.Event()
+        self._models = _ModelPool()
+
+    def worker(
+        self,
+        cid: int,
+        device: str,
+        payload: FedAvgDownlinkPackage,
+        stop_event: threading.Event,
+    ) -> FedAvgUplinkPackage:
+        """Train client ``cid`` in a worker thread."""
+        settings = self.settings
+        loader = client_loader(
+            settings.dataset, cid, settings.batch_size, current_client().rng.torch_cpu
+        )
+        with self._models.borrow(settings.model_selector, settings.model_name, device) as model:
+            return settings.client_update(
+                cid=cid,
+                model=model,
+                payload=payload,
+                loader=loader,
+                device=device,
+                epochs=settings.epochs,
+                lr=settings.lr,
+                stop_event=stop_event,
+                state=settings.client_state(),
+            )
+
+    def uplink_package(self) -> list[FedAvgUplinkPackage]:
+        """The uplinks produced since the last call."""
+        package, self.cache = self.cache, []
+        return package
+
+
+class _ModelPool:
+    """Models lent to worker threads, one per concurrent client and reused afterwards.
+
+    Building a model per client costs more than training it for small clients; the
+    weights are overwritten from the payload anyway. Models of another selector or
+    name than the one asked for (the trainer's settings changed) are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[str, list[nn.Module]] = {}
+        self._made_by: tuple[ModelSelector[Any] | None, str | None] = (None, None)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def borrow(self, selector: ModelSelector[Any], name: str, device: str) -> Iterator[nn.Module]:
+        with self._lock:
+            made_by = self._made_by
+            if made_by[0] is not selector or made_by[1] != name:
+                self._free = {}
+                self._made_by = (selector, name)
+            free = self._free.setdefault(device, [])
+            model = free.pop() if free else None
+        if model is None:
+            model = selector.select_model(name).to(device)
+        try:
+            yield model
+        finally:
+            with self._lock:
+                if self._made_by[0] is selector and self._made_by[1] == name:
+                    self._free.setdefault(device, []).append(model)

@@ -1,9 +1,10 @@
-"""What FedAvg's three client trainers share: their settings, checked in one place.
+"""The settings every FedAvg-family client trainer takes, checked in one place.
 
 :class:`FedAvgTrainerSettings` holds the arguments that BlazeFL's serial, process-pool
-and thread-pool trainers all take; the trainers keep one instance and expose its
-fields as their attributes (BlazeFL code reads ``trainer.lr`` and may assign it: an
-assignment replaces the settings, checked again).
+and thread-pool trainers all take (and the batched trainer,
+:mod:`emberfl.runtimes.batched`); the trainers keep one instance and expose its
+fields as their attributes (:class:`SettingsAttributes`: BlazeFL code reads
+``trainer.lr`` and may assign it: an assignment replaces the settings, checked again).
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from typing import Any, Generic, Protocol, TypeVar, overload
 
 import torch
 
-from emberfl.contrib.checks import (
+from emberfl.core.checks import (
     check_nonnegative_int,
     check_positive_int,
     check_positive_number,
 )
-from emberfl.contrib.client_state import ClientStateStore
-from emberfl.contrib.fedavg.packages import FedAvgPartitionedDataset
-from emberfl.contrib.fedavg.update import FedAvgClientUpdate
-from emberfl.core import ModelSelector
+from emberfl.core.client_state import ClientStateStore
+from emberfl.core.model_packages import FedAvgPartitionedDataset
+from emberfl.core.model_selector import ModelSelector
+from emberfl.core.step import FedAvgClientUpdate
 from emberfl.reproducibility import check_seed
 
 __all__ = ["FedAvgTrainerSettings", "SettingsAttributes"]

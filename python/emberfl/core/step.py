@@ -1,8 +1,10 @@
-"""What one FedAvg client does in a round, with the hooks FedProx and SCAFFOLD use.
+"""The client step: what one client does in a round (FedAvg's), and the hooks to change it.
 
-:class:`FedAvgClientUpdate` runs one client; :class:`BatchedClientStep` is the same
-step for the batched runtime (:mod:`~emberfl.contrib.fedavg.batched`), where a group of
-clients trains as one stacked model and the hooks see all of them at once.
+:class:`FedAvgClientUpdate` runs one client; FedProx and SCAFFOLD subclass it through
+its hooks. :class:`BatchedClientStep` is the same step for the batched runtime
+(:mod:`~emberfl.runtimes.batched`), where a group of clients trains as one stacked
+model and the hooks see all of them at once. Every runtime (:mod:`emberfl.runtimes`)
+takes a step as it is.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from emberfl.contrib.client_state import ClientStateStore
-from emberfl.contrib.fedavg.packages import FedAvgDownlinkPackage, FedAvgUplinkPackage
-from emberfl.contrib.training import StopSignal, local_sgd
-from emberfl.core import deserialize_model, serialize_model
+from emberfl.core.client_state import ClientStateStore
+from emberfl.core.model_packages import FedAvgDownlinkPackage, FedAvgUplinkPackage
+from emberfl.core.training import StopSignal, local_sgd
+from emberfl.core.utils import deserialize_model, serialize_model
 
 __all__ = ["BatchedClientStep", "BatchedGroup", "FedAvgClientUpdate", "LocalRun"]
 

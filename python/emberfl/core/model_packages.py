@@ -1,4 +1,10 @@
-"""FedAvg's packages and partition types (BlazeFL 3.0's names)."""
+"""The model packages of the FedAvg family: what a client receives and sends back.
+
+FedAvg's downlink (the global state vector) and uplink (a client's state vector,
+sample count and training metadata), and the partition types of a FedAvg dataset,
+with BlazeFL 3.0's names. Algorithms whose clients send more (SCAFFOLD's control
+variates) extend them.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from enum import Enum
 
 import torch
 
-from emberfl.core import PartitionedDataset
+from emberfl.core.partitioned_dataset import PartitionedDataset
 
 __all__ = [
     "FedAvgDownlinkPackage",

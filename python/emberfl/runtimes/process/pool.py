@@ -33,7 +33,7 @@ from typing import Any
 
 from emberfl.core.errors import ClientError, ClientTimeoutError, WorkerCrashedError
 from emberfl.core.fold import WireStandIn
-from emberfl.core.runtime import RoundSpec, TaskRunner, TaskSpec
+from emberfl.runtimes.tasks import RoundSpec, TaskRunner, TaskSpec
 
 __all__ = ["RoundRun", "WorkerPool"]
 
@@ -167,7 +167,7 @@ class WorkerPool:
         if start_method == "forkserver":
             # The fork server imports torch once; every worker then starts in
             # milliseconds. Only effective before the fork server first starts.
-            self._ctx.set_forkserver_preload(["torch", "emberfl.core.pool"])
+            self._ctx.set_forkserver_preload(["torch", "emberfl.runtimes.process.pool"])
         self._closed = False
         self._workers: list[_Worker] = []
         try:
