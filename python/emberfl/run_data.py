@@ -1,32 +1,38 @@
 """A run's data, from its configuration: the dataset loaded, split among the clients
 (seeded: every rank of a multi-rank job makes the same split) and written to the
-memory-mapped dataset store its trainers read."""
+memory-mapped dataset store its trainers read.
+
+The data set and the partitioner are looked up in :mod:`emberfl.data.registry`, and
+each reads its settings from the configuration by name."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from emberfl.config import ConfigError, SimulationConfig
-from emberfl.data import Dataset, DatasetStore, Partition, StorePartitionedDataset, load_dataset
-from emberfl.data import dirichlet as dirichlet_partition
-from emberfl.data import iid as iid_partition
-from emberfl.data import quantity_skew as quantity_partition
-from emberfl.data import shards as shards_partition
+from emberfl.core.setting import Setting
+from emberfl.data import (
+    Dataset,
+    DatasetStore,
+    Partition,
+    StorePartitionedDataset,
+    dataset_spec,
+    partitioner_spec,
+)
 
 __all__ = ["load_run_data", "write_store"]
 
 
 def load_run_data(config: SimulationConfig) -> tuple[Dataset, Partition]:
     """The dataset ``config`` names and its split among ``config.clients`` clients."""
-    options: dict[str, Any] = {}
-    if config.dataset_key == "synthetic":
-        options = {
-            "alpha": config.synthetic_alpha,
-            "beta": config.synthetic_beta,
-            "num_clients": config.clients,
-        }
-    data = load_dataset(config.dataset_key, config.data_dir, config.seed, **options)
+    try:
+        spec = dataset_spec(config.dataset_key)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    options = _options(config, spec.settings)
+    data = spec.load(config.data_dir, config.seed, config.clients, options)
     partition = _partition(config, data)
     if partition.num_clients != config.clients:
         raise ConfigError(
@@ -37,23 +43,26 @@ def load_run_data(config: SimulationConfig) -> tuple[Dataset, Partition]:
 
 def _partition(config: SimulationConfig, data: Dataset) -> Partition:
     name = config.partition_name
-    labels = data.train_y
     if name == "natural":
+        # Not a partitioner: the split the data set comes with.
         if data.partition is None:
             raise ConfigError(f"dataset {config.dataset_key!r} has no built-in client split")
         return data.partition
     try:
-        if name == "iid":
-            return iid_partition(labels, config.clients, seed=config.seed)
-        if name == "dirichlet":
-            return dirichlet_partition(labels, config.clients, config.alpha, seed=config.seed)
-        if name == "shards":
-            return shards_partition(
-                labels, config.clients, config.shards_per_client, seed=config.seed
-            )
-        return quantity_partition(labels, config.clients, config.sigma, seed=config.seed)
+        spec = partitioner_spec(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        return spec.split(
+            data.train_y, config.clients, config.seed, _options(config, spec.settings)
+        )
     except ValueError as exc:
         raise ConfigError(f"cannot partition {config.dataset_key}: {exc}") from exc
+
+
+def _options(config: SimulationConfig, settings: Iterable[Setting]) -> dict[str, Any]:
+    """The values of ``settings`` in ``config``, by setting name."""
+    return {s.name: getattr(config, s.name) for s in settings}
 
 
 def write_store(

@@ -11,7 +11,9 @@ Nothing is downloaded: MNIST, Fashion-MNIST and CIFAR-10 are read from a directo
 caller gives, the digits come with scikit-learn, and Synthetic(alpha, beta) is generated.
 
 The module is one concept, the loaders of the named datasets, and its ~600 lines are five
-loaders with the file-format checks each needs; a new dataset is a new loader here.
+loaders with the file-format checks each needs; a new dataset is a new loader here and a
+:class:`~emberfl.data.registry.DatasetSpec` in :mod:`emberfl.data.registry`, which
+resolves names and aliases (:func:`~emberfl.data.registry.load_dataset`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import logging
 import os
 import pickle
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,11 @@ from numpy.typing import NDArray
 from emberfl.data.partition import Partition
 
 __all__ = [
-    "DATASET_NAMES",
     "DEFAULT_FASHION_MNIST_DIR",
     "Dataset",
     "DatasetError",
     "DatasetNotFoundError",
     "load_cifar10",
-    "load_dataset",
     "load_digits",
     "load_fashion_mnist",
     "load_mnist",
@@ -49,8 +48,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DATASET_NAMES: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "synthetic")
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the IDX files.
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -575,43 +572,3 @@ def synthetic(
         std=(1.0,),
         partition=Partition(tuple(client_idx), train_y, num_classes),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# dispatcher
-
-
-def load_dataset(
-    name: str, data_dir: PathLike | None = None, seed: int = 0, **options: Any
-) -> Dataset:
-    """Load dataset ``name`` (one of :data:`DATASET_NAMES`).
-
-    ``data_dir`` is required for mnist and cifar10, optional for fashion-mnist
-    (Debian's location by default) and ignored for digits and synthetic. ``seed``
-    drives the digits split and the synthetic generator; the file-based datasets have
-    fixed splits. ``options`` go to the specific loader (e.g. ``alpha``, ``beta``,
-    ``num_clients`` for synthetic, ``test_fraction`` for digits).
-    """
-    key = name.strip().lower().replace("_", "-")
-    key = {"fashion": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(
-        key, key
-    )
-    loaders: dict[str, Callable[[], Dataset]] = {
-        "digits": lambda: load_digits(seed, **options),
-        "mnist": lambda: load_mnist(_need_dir("mnist", data_dir), **options),
-        "fashion-mnist": lambda: load_fashion_mnist(data_dir, **options),
-        "cifar10": lambda: load_cifar10(_need_dir("cifar10", data_dir), **options),
-        "synthetic": lambda: synthetic(
-            options.pop("alpha", 1.0), options.pop("beta", 1.0), seed=seed, **options
-        ),
-    }
-    loader = loaders.get(key)
-    if loader is None:
-        raise ValueError(f"unknown dataset {name!r}; valid names are: {', '.join(DATASET_NAMES)}")
-    return loader()
-
-
-def _need_dir(name: str, data_dir: PathLike | None) -> PathLike:
-    if data_dir is None:
-        raise ValueError(f"dataset {name!r} is read from files: give its data directory")
-    return data_dir

@@ -13,6 +13,8 @@ must outlive a numpy upgrade.
 * :func:`shards` -- the pathological split of McMahan et al. 2017 (sort by label,
   cut into equal shards, deal a fixed number of shards to each client).
 * :func:`quantity_skew` -- random client sizes drawn from a log-normal distribution.
+
+The names a run gives them (``--partition``) are in :mod:`emberfl.data.registry`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from numpy.typing import ArrayLike, NDArray
 from emberfl.reproducibility import check_seed
 
 __all__ = [
-    "PARTITION_NAMES",
     "Partition",
     "dirichlet",
     "iid",
@@ -37,8 +38,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-PARTITION_NAMES: tuple[str, ...] = ("iid", "dirichlet", "shards", "quantity")
 
 IndexArray = NDArray[np.int64]
 
