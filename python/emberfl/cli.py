@@ -60,19 +60,9 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def _defaults() -> Any:
-    from emberfl.config import SimulationConfig
-
-    return SimulationConfig()
-
-
 def _run_parser(sub: Any) -> argparse.ArgumentParser:
-    from emberfl.config import ALGORITHMS, DEFAULT_MODELS, PARTITIONS, RUNTIMES
-    from emberfl.data import DATASET_NAMES
-    from emberfl.models import MODEL_NAMES
+    from emberfl.config import GROUPS, SETTINGS
 
-    d = _defaults()
-    models = ", ".join(f"{k}: {v}" for k, v in DEFAULT_MODELS.items())
     p: argparse.ArgumentParser = sub.add_parser(
         "run",
         help="run a federated simulation (no arguments: the quick start)",
@@ -88,196 +78,42 @@ def _run_parser(sub: Any) -> argparse.ArgumentParser:
         allow_abbrev=False,
         argument_default=argparse.SUPPRESS,
     )
-
-    def add(group: Any, *flags: str, help: str, default: Any = None, **kw: Any) -> None:
-        # The defaults live in SimulationConfig; argparse only shows them, so that a
-        # flag left out cannot override a value from --config.
-        if default is not None:
-            help = f"{help} (default: {default})"
-        group.add_argument(*flags, help=help, **kw)
-
-    g = p.add_argument_group("experiment")
-    g.add_argument(
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    groups["experiment"].add_argument(
         "--config",
         metavar="FILE",
         help="JSON or TOML file of settings (same names as the flags); flags override it",
     )
-    g.add_argument(
-        "--out",
-        metavar="DIR",
-        help="run directory (default: runs/<timestamp>-<algorithm>-<dataset>)",
-    )
-    add(g, "--algorithm", choices=ALGORITHMS, default=d.algorithm, help="federated algorithm")
-    add(g, "--seed", type=int, default=d.seed, help="seed of everything random (0 <= seed < 2**32)")
-    add(g, "--rounds", type=int, default=d.rounds, help="communication rounds")
-    add(
-        g,
-        "--eval-every",
-        type=int,
-        default=d.eval_every,
-        help="evaluate (and log a metrics row) every N rounds; the last round always",
-    )
-    add(
-        g,
-        "--eval-batch-size",
-        type=int,
-        default=d.eval_batch_size,
-        help="batch size of the server's evaluation",
-    )
-
-    g = p.add_argument_group("data")
-    add(g, "--dataset", choices=DATASET_NAMES, default=d.dataset, help="dataset")
-    g.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="directory of the dataset files (required for mnist and cifar10; "
-        "fashion-mnist defaults to /usr/share/datasets/fashion-mnist)",
-    )
-    add(
-        g,
-        "--partition",
-        choices=PARTITIONS,
-        help="how the training data is split among clients (default: iid; synthetic: "
-        "the generator's own per-client data)",
-    )
-    add(
-        g,
-        "--alpha",
-        type=float,
-        default=d.alpha,
-        help="Dirichlet concentration (--partition dirichlet)",
-    )
-    add(
-        g,
-        "--shards-per-client",
-        type=int,
-        default=d.shards_per_client,
-        help="label-sorted shards per client (--partition shards)",
-    )
-    add(
-        g,
-        "--sigma",
-        type=float,
-        default=d.sigma,
-        help="log-normal sigma of client sizes (--partition quantity)",
-    )
-    add(
-        g,
-        "--synthetic-alpha",
-        type=float,
-        default=d.synthetic_alpha,
-        help="Synthetic(alpha, beta): how much client models differ",
-    )
-    add(
-        g,
-        "--synthetic-beta",
-        type=float,
-        default=d.synthetic_beta,
-        help="Synthetic(alpha, beta): how much client inputs differ",
-    )
-
-    g = p.add_argument_group("model and training")
-    add(g, "--model", choices=MODEL_NAMES, help=f"model (default per dataset: {models})")
-    add(g, "--clients", type=int, default=d.clients, help="number of clients in the federation")
-    add(
-        g,
-        "--sample-ratio",
-        type=float,
-        default=d.sample_ratio,
-        help="fraction of clients sampled per round (C)",
-    )
-    add(g, "--epochs", type=int, default=d.epochs, help="local epochs per round (E)")
-    add(g, "--batch-size", type=int, default=d.batch_size, help="local batch size (B)")
-    add(g, "--lr", type=float, default=d.lr, help="client learning rate (SGD)")
-    add(
-        g,
-        "--nonfinite",
-        choices=("raise", "drop"),
-        default=d.nonfinite,
-        help="client updates holding NaN/Inf: stop with an error, or drop them with a warning",
-    )
-    g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        metavar="N",
-        help="write a checkpoint every N rounds, for `emberfl resume` (0: never; "
-        f"default: {d.checkpoint_every})",
-    )
-
-    g = p.add_argument_group("algorithm hyper-parameters")
-    add(g, "--mu", type=float, default=d.mu, help="FedProx proximal coefficient")
-    add(
-        g,
-        "--server-lr",
-        type=float,
-        default=d.server_lr,
-        help="server learning rate of FedAdam/FedYogi/FedAdagrad",
-    )
-    add(g, "--beta1", type=float, default=d.beta1, help="FedOpt first-moment decay")
-    add(g, "--beta2", type=float, default=d.beta2, help="FedAdam/FedYogi second-moment decay")
-    add(g, "--tau", type=float, default=d.tau, help="FedOpt adaptivity (epsilon)")
-
-    g = p.add_argument_group("execution")
-    add(
-        g,
-        "--workers",
-        type=int,
-        default=d.workers,
-        help="parallel clients: worker processes (0 runs them in this process) or threads "
-        "(default: this process's CPUs divided by --threads, at most the clients of a round; "
-        "under torchrun the ranks of a node share its CPUs)",
-    )
-    add(
-        g,
-        "--threads",
-        type=int,
-        default=d.threads,
-        metavar="N",
-        help="torch threads of each client (its worker process, and this process during the "
-        "run); the bits depend on it, not on the layout: runs agree bit for bit with any "
-        "workers, ranks and runtime when they have the same --threads",
-    )
-    add(
-        g,
-        "--runtime",
-        choices=RUNTIMES,
-        default=d.runtime,
-        help="where clients run: worker processes, threads, serially in this process, or "
-        "batched (groups of --batch-clients clients trained as one model; FedAvg, FedProx, "
-        "SCAFFOLD and FedOpt, models without BatchNorm)",
-    )
-    add(
-        g,
-        "--batch-clients",
-        type=int,
-        default=d.batch_clients,
-        help="clients trained together by --runtime batched",
-    )
-    g.add_argument(
+    # Every flag is made from its setting's declaration. The defaults live in
+    # SimulationConfig; argparse only shows them, so that a flag left out cannot
+    # override a value from --config.
+    for setting in SETTINGS.values():
+        group = groups[setting.group]
+        help = setting.described()
+        if setting.default is not None or setting.default_text is not None:
+            help = f"{help} (default: {setting.shown_default()})"
+        if setting.negative_flag is not None:
+            group.add_argument(
+                setting.negative_flag, dest=setting.name, action="store_false", help=help
+            )
+            continue
+        types: dict[type, Any] = {int: int, float: float, str: str}
+        group.add_argument(
+            setting.cli_flag,
+            dest=setting.name,
+            type=types[setting.type],
+            choices=setting.choice_list(),
+            metavar=setting.metavar,
+            help=help,
+        )
+    groups["execution"].add_argument(
         "--thread-pool",
         dest="runtime",
         action="store_const",
         const="thread",
         help="same as --runtime thread",
     )
-    add(g, "--device", default=d.device, help="torch device: cpu, cuda or cuda:N")
-    add(
-        g,
-        "--rank-timeout",
-        type=float,
-        metavar="SECONDS",
-        default=d.rank_timeout,
-        help="under torchrun: how long a silent rank (dead, stopped, its node lost) is "
-        "waited for before every other rank stops with an error naming it; ranks that have "
-        "not all joined the job within max(30, 6 x this) seconds stop too",
-    )
-    g.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        help="no per-round client progress bar (default: a bar when stderr is a terminal)",
-    )
-    g.add_argument(
+    groups["execution"].add_argument(
         "-q",
         "--quiet",
         action="store_true",

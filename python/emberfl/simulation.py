@@ -22,7 +22,7 @@ directory), builds the algorithm's server handler and client trainer (see
   :meth:`Simulation.prepare` to :meth:`Simulation.close`: a second ``run`` or
   ``resume`` of it fails with :class:`RunDirLockedError`.
 
-Under torchrun (see :mod:`emberfl.cluster`) every rank prepares the same data and its
+Under torchrun (see :mod:`emberfl.distributed.cluster`) every rank prepares the same data and its
 own workers; rank 0 runs the rounds and writes the run directory, the others follow.
 
 Every file is published by temp file + rename (:mod:`emberfl.fileio`), with the
@@ -67,7 +67,6 @@ from emberfl.checkpoint import (
     restore_run,
     write_checkpoint,
 )
-from emberfl.cluster import Cluster
 from emberfl.config import (
     ALGORITHMS,
     CONFIG_FILE,
@@ -82,14 +81,18 @@ from emberfl.config import (
 )
 from emberfl.contrib import FedAvgBaseServerHandler, FedAvgUplinkPackage
 from emberfl.contrib.registry import algorithm_spec, make_client_trainer, make_server_handler
-from emberfl.core.distributed_trainer import DistributedClientTrainer
 from emberfl.core.packages import tensor_bytes
 from emberfl.crashpoints import crash_point
 from emberfl.data import Dataset, Partition, StorePartitionedDataset
+from emberfl.distributed.cluster import Cluster
+from emberfl.distributed.trainer import DistributedClientTrainer
 from emberfl.fileio import atomic_write_text, refuse_symlink
 from emberfl.metrics import METRICS_FILE, MetricsWriter, RoundMetrics
 from emberfl.models import ZooModelSelector
 from emberfl.run_data import load_run_data, write_store
+
+#: The keys of a handler's summary that have columns of their own.
+_SERVER_SUMMARY = ("server_acc", "server_loss")
 
 # Names defined in emberfl.config and emberfl.checkpoint are re-exported: they are the
 # documented Python interface of a run (emberfl.simulation.resume_simulation, ...).
@@ -433,7 +436,12 @@ class Simulation:
             bytes_up=bytes_up,
             bytes_down=bytes_down,
             num_clients=len(cids),
-            extra={"train_loss": train_loss, "dropped": float(len(handler.dropped))},
+            extra={
+                "train_loss": train_loss,
+                "dropped": float(len(handler.dropped)),
+                # An algorithm's own figures (Ditto's personalized accuracy) as columns.
+                **{k: float(v) for k, v in summary.items() if k not in _SERVER_SUMMARY},
+            },
         )
         writer.write(metrics)
         self._maybe_checkpoint()

@@ -5,13 +5,14 @@
 * SCAFFOLD (Karimireddy et al. 2020): :mod:`emberfl.contrib.scaffold`
 * FedAdam, FedYogi, FedAdagrad (Reddi et al. 2021): :mod:`emberfl.contrib.fedopt`
 
-Every algorithm has a server handler and serial, process-pool, thread-pool and batched
-client trainers; FedOpt's clients are FedAvg's. Code written against ``blazefl.contrib``
-runs after changing the import to ``emberfl.contrib``. :mod:`emberfl.contrib.registry`
-names them for ``emberfl run`` and says how to build each one.
+Every algorithm is one module declaring an :class:`~emberfl.contrib.algorithm.Algorithm`
+(client step, server rule, settings) and one line in :mod:`emberfl.contrib.registry`;
+every runtime runs every client step. FedOpt's clients are FedAvg's. Code written
+against ``blazefl.contrib`` runs after changing the import to ``emberfl.contrib``
+(BlazeFL's per-algorithm trainer names: :mod:`emberfl.contrib.trainer_names`).
 """
 
-from emberfl.contrib.client_state import ClientStateStore
+from emberfl.contrib.algorithm import Algorithm
 from emberfl.contrib.fedavg import (
     BatchedClientStep,
     BatchedGroup,
@@ -36,42 +37,38 @@ from emberfl.contrib.fedopt import (
     FedOptServerHandler,
     FedYogiServerHandler,
 )
-from emberfl.contrib.fedprox import (
-    FedProxBaseClientTrainer,
-    FedProxBaseServerHandler,
-    FedProxBatchedClientTrainer,
-    FedProxClientUpdate,
-    FedProxProcessPoolClientTrainer,
-    FedProxThreadPoolClientTrainer,
-)
-from emberfl.contrib.layout import ParameterLayout
+from emberfl.contrib.fedprox import FedProxBaseServerHandler, FedProxClientUpdate
 from emberfl.contrib.registry import (
     ALGORITHM_SPECS,
     ALGORITHMS,
-    AlgorithmSettings,
-    AlgorithmSpec,
-    TrainerClasses,
     algorithm_spec,
     make_client_trainer,
     make_server_handler,
 )
 from emberfl.contrib.scaffold import (
-    ScaffoldBaseClientTrainer,
-    ScaffoldBatchedClientTrainer,
     ScaffoldClientUpdate,
     ScaffoldDownlinkPackage,
-    ScaffoldProcessPoolClientTrainer,
     ScaffoldServerHandler,
-    ScaffoldThreadPoolClientTrainer,
     ScaffoldUplinkPackage,
 )
-from emberfl.contrib.training import LocalTrainingResult, evaluate_loader, local_sgd, sgd_step
+from emberfl.contrib.trainer_names import (
+    FedProxBaseClientTrainer,
+    FedProxBatchedClientTrainer,
+    FedProxProcessPoolClientTrainer,
+    FedProxThreadPoolClientTrainer,
+    ScaffoldBaseClientTrainer,
+    ScaffoldBatchedClientTrainer,
+    ScaffoldProcessPoolClientTrainer,
+    ScaffoldThreadPoolClientTrainer,
+)
+from emberfl.core.client_state import ClientStateStore
+from emberfl.core.layout import ParameterLayout
+from emberfl.core.training import LocalTrainingResult, evaluate_loader, local_sgd, sgd_step
 
 __all__ = [
     "ALGORITHMS",
     "ALGORITHM_SPECS",
-    "AlgorithmSettings",
-    "AlgorithmSpec",
+    "Algorithm",
     "BatchedClientStep",
     "BatchedGroup",
     "ClientStateStore",
@@ -109,7 +106,6 @@ __all__ = [
     "ScaffoldServerHandler",
     "ScaffoldThreadPoolClientTrainer",
     "ScaffoldUplinkPackage",
-    "TrainerClasses",
     "algorithm_spec",
     "evaluate_loader",
     "local_sgd",

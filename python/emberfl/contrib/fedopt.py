@@ -15,40 +15,71 @@ with ``m`` starting at 0 and ``v`` at ``tau ** 2``, and no bias correction:
 * FedAdam:    ``v = beta2 * v + (1 - beta2) * delta ** 2``
 
 Buffers (batch-norm statistics) are not optimised: they take the plain average.
-The average itself is FedAvg's, on the aggregation kernel.
+The average itself is FedAvg's, on the aggregation kernel. Settings: ``server_lr``,
+``beta1``, ``beta2``, ``tau`` (``--server-lr`` ...), shared by the three algorithms.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from emberfl.contrib.algorithm import Algorithm, fedavg_server
 from emberfl.contrib.fedavg import FedAvgBaseServerHandler, FedAvgUplinkPackage
-from emberfl.contrib.layout import ParameterLayout
 from emberfl.core import deserialize_model, serialize_model
+from emberfl.core.checks import check_positive_number, check_unit_interval
+from emberfl.core.layout import ParameterLayout
+from emberfl.core.setting import Setting
 
 __all__ = [
+    "FEDADAGRAD",
+    "FEDADAM",
+    "FEDOPT_SETTINGS",
+    "FEDYOGI",
     "FedAdagradServerHandler",
     "FedAdamServerHandler",
     "FedOptServerHandler",
     "FedYogiServerHandler",
 ]
 
+_OWNERS = "fedadam, fedyogi, fedadagrad"
+_GROUP = "algorithm hyper-parameters"
 
-def _check(value: float, what: str, low: float, high: float | None, low_open: bool) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high
-    if not ok:
-        left = "(" if low_open else "["
-        right = f"{high})" if high is not None else "inf)"
-        raise ValueError(f"{what} must lie in {left}{low}, {right}, got {value!r}")
-    return float(value)
+#: The server optimizer's settings, shared by FedAdam, FedYogi and FedAdagrad.
+FEDOPT_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "server_lr",
+        float,
+        0.01,
+        "server learning rate of FedAdam/FedYogi/FedAdagrad",
+        _GROUP,
+        check_positive_number,
+        owner=_OWNERS,
+    ),
+    Setting(
+        "beta1", float, 0.9, "FedOpt first-moment decay", _GROUP, check_unit_interval, owner=_OWNERS
+    ),
+    Setting(
+        "beta2",
+        float,
+        0.99,
+        "FedAdam/FedYogi second-moment decay",
+        _GROUP,
+        check_unit_interval,
+        owner=_OWNERS,
+    ),
+    Setting(
+        "tau",
+        float,
+        1e-3,
+        "FedOpt adaptivity (epsilon)",
+        _GROUP,
+        check_positive_number,
+        owner=_OWNERS,
+    ),
+)
 
 
 class FedOptServerHandler(FedAvgBaseServerHandler):
@@ -70,10 +101,10 @@ class FedOptServerHandler(FedAvgBaseServerHandler):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.server_lr = _check(server_lr, "server_lr", 0.0, None, low_open=True)
-        self.beta1 = _check(beta1, "beta1", 0.0, 1.0, low_open=False)
-        self.beta2 = _check(beta2, "beta2", 0.0, 1.0, low_open=False)
-        self.tau = _check(tau, "tau", 0.0, None, low_open=True)
+        self.server_lr = check_positive_number(server_lr, "server_lr")
+        self.beta1 = check_unit_interval(beta1, "beta1")
+        self.beta2 = check_unit_interval(beta2, "beta2")
+        self.tau = check_positive_number(tau, "tau")
         self.layout = ParameterLayout.of(self.model)
         n = self.layout.num_params
         self.m = torch.zeros(n, dtype=torch.float32)
@@ -128,3 +159,20 @@ class FedAdamServerHandler(FedOptServerHandler):
 
     def update_second_moment(self, delta_sq: torch.Tensor) -> None:
         self.v.mul_(self.beta2).add_(delta_sq, alpha=1.0 - self.beta2)
+
+
+def _fedopt(name: str, summary: str, cls: type[FedOptServerHandler]) -> Algorithm:
+    # FedOpt changes only the server step; its clients are FedAvg's.
+    names = tuple(setting.name for setting in FEDOPT_SETTINGS)
+    return Algorithm(name, summary, fedavg_server(cls, *names), settings=FEDOPT_SETTINGS)
+
+
+FEDADAM = _fedopt(
+    "fedadam", "FedAdam (Reddi et al. 2021): Adam on the server", FedAdamServerHandler
+)
+FEDYOGI = _fedopt(
+    "fedyogi", "FedYogi (Reddi et al. 2021): Yogi on the server", FedYogiServerHandler
+)
+FEDADAGRAD = _fedopt(
+    "fedadagrad", "FedAdagrad (Reddi et al. 2021): Adagrad on the server", FedAdagradServerHandler
+)

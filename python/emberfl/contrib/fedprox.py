@@ -5,51 +5,51 @@ local models near the global one when clients' data differ. The term enters as i
 gradient, ``mu * (w - w_global)``, added after every backward pass; the server is
 FedAvg's. With ``mu = 0`` a run is bitwise the same as FedAvg's.
 
-The trainers take FedAvg's arguments plus the keyword ``mu``.
+Setting: ``mu`` (``--mu``). BlazeFL's ``FedProx*ClientTrainer`` names are the
+runtimes with this step (:mod:`emberfl.contrib.trainer_names`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
+from emberfl.contrib.algorithm import Algorithm, fedavg_server
 from emberfl.contrib.fedavg import (
     BatchedClientStep,
     BatchedGroup,
-    FedAvgBaseClientTrainer,
     FedAvgBaseServerHandler,
-    FedAvgBatchedClientTrainer,
     FedAvgClientUpdate,
-    FedAvgProcessPoolClientTrainer,
-    FedAvgThreadPoolClientTrainer,
     LocalRun,
 )
+from emberfl.core.checks import check_nonnegative_number
+from emberfl.core.setting import Setting
 
 __all__ = [
-    "FedProxBaseClientTrainer",
+    "FEDPROX",
+    "MU",
     "FedProxBaseServerHandler",
-    "FedProxBatchedClientTrainer",
     "FedProxClientUpdate",
-    "FedProxProcessPoolClientTrainer",
-    "FedProxThreadPoolClientTrainer",
     "ProximalBatchedStep",
 ]
 
-
-def _check_mu(mu: float) -> float:
-    if isinstance(mu, bool) or not isinstance(mu, int | float) or not math.isfinite(mu) or mu < 0:
-        raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
-    return float(mu)
+MU = Setting(
+    "mu",
+    float,
+    0.01,
+    "FedProx proximal coefficient",
+    group="algorithm hyper-parameters",
+    owner="fedprox",
+    check=check_nonnegative_number,
+)
 
 
 class FedProxClientUpdate(FedAvgClientUpdate):
     """FedAvg's client step plus the proximal gradient ``mu * (w - w_global)``."""
 
     def __init__(self, mu: float) -> None:
-        self.mu = _check_mu(mu)
+        self.mu = check_nonnegative_number(mu, "mu")
 
     def batched_step(self) -> BatchedClientStep | None:
         if type(self) is not FedProxClientUpdate:
@@ -83,7 +83,7 @@ class ProximalBatchedStep(BatchedClientStep):
     gradient of every client that takes the step."""
 
     def __init__(self, mu: float) -> None:
-        self.mu = _check_mu(mu)
+        self.mu = check_nonnegative_number(mu, "mu")
 
     def begin(self, group: BatchedGroup) -> None:
         # Every row holds the global model now: one anchor serves the whole group.
@@ -105,33 +105,10 @@ class FedProxBaseServerHandler(FedAvgBaseServerHandler):
     """FedProx's server: FedAvg's weighted average of the client models."""
 
 
-class FedProxBaseClientTrainer(FedAvgBaseClientTrainer):
-    """Serial FedProx clients: :class:`FedAvgBaseClientTrainer`'s arguments plus ``mu``."""
-
-    def __init__(self, *args: Any, mu: float = 0.01, **kwargs: Any) -> None:
-        super().__init__(*args, client_update=FedProxClientUpdate(mu), **kwargs)
-        self.mu = float(mu)
-
-
-class FedProxProcessPoolClientTrainer(FedAvgProcessPoolClientTrainer):
-    """FedProx clients in worker processes: FedAvg's arguments plus ``mu``."""
-
-    def __init__(self, *args: Any, mu: float = 0.01, **kwargs: Any) -> None:
-        super().__init__(*args, client_update=FedProxClientUpdate(mu), **kwargs)
-        self.mu = float(mu)
-
-
-class FedProxThreadPoolClientTrainer(FedAvgThreadPoolClientTrainer):
-    """FedProx clients in worker threads: FedAvg's arguments plus ``mu``."""
-
-    def __init__(self, *args: Any, mu: float = 0.01, **kwargs: Any) -> None:
-        super().__init__(*args, client_update=FedProxClientUpdate(mu), **kwargs)
-        self.mu = float(mu)
-
-
-class FedProxBatchedClientTrainer(FedAvgBatchedClientTrainer):
-    """FedProx clients trained in batched groups: FedAvg's arguments plus ``mu``."""
-
-    def __init__(self, *args: Any, mu: float, **kwargs: Any) -> None:
-        super().__init__(*args, client_update=FedProxClientUpdate(mu), **kwargs)
-        self.mu = float(mu)
+FEDPROX = Algorithm(
+    "fedprox",
+    "FedProx (Li et al. 2020): FedAvg with a proximal term mu/2 ||w - w_global||^2",
+    fedavg_server(FedProxBaseServerHandler),
+    client=lambda options: FedProxClientUpdate(options["mu"]),
+    settings=(MU,),
+)

@@ -17,8 +17,9 @@ Client controls are never held in memory between rounds: each lives in
 mapped only while its client runs and replaced atomically, so a federation of
 10,000 clients costs disk, not RAM. A client without a file starts from ``c_i = 0``.
 
-The trainers take FedAvg's arguments; the serial, thread-pool and batched ones also
-need the keyword ``state_dir``. The batched trainer stacks the ``c_i`` of a group of
+Every runtime runs :class:`ScaffoldClientUpdate`; it needs the trainer's
+``state_dir`` (BlazeFL's ``Scaffold*ClientTrainer`` names require it:
+:mod:`emberfl.contrib.trainer_names`). The batched runtime stacks the ``c_i`` of a group of
 clients (``[k, num_params]``) next to their stacked weights and adds ``c - c_i`` to
 each client's gradient at every step it takes; a padded step neither moves a client
 nor counts in its ``K``.
@@ -33,33 +34,28 @@ from typing import Any
 
 import torch
 
-from emberfl.contrib.client_state import ClientStateStore
+from emberfl.contrib.algorithm import Algorithm, fedavg_server
 from emberfl.contrib.fedavg import (
     BatchedClientStep,
     BatchedGroup,
-    FedAvgBaseClientTrainer,
     FedAvgBaseServerHandler,
-    FedAvgBatchedClientTrainer,
     FedAvgClientUpdate,
     FedAvgDownlinkPackage,
-    FedAvgProcessPoolClientTrainer,
-    FedAvgThreadPoolClientTrainer,
     FedAvgUplinkPackage,
     LocalRun,
 )
-from emberfl.contrib.layout import ParameterLayout
 from emberfl.core import FoldTerm, deserialize_model, serialize_model
+from emberfl.core.client_state import ClientStateStore
+from emberfl.core.layout import ParameterLayout
+from emberfl.distributed.peer_codec import allow_peer_types
 
 __all__ = [
     "CONTROL_KEY",
-    "ScaffoldBaseClientTrainer",
-    "ScaffoldBatchedClientTrainer",
+    "SCAFFOLD",
     "ScaffoldBatchedStep",
     "ScaffoldClientUpdate",
     "ScaffoldDownlinkPackage",
-    "ScaffoldProcessPoolClientTrainer",
     "ScaffoldServerHandler",
-    "ScaffoldThreadPoolClientTrainer",
     "ScaffoldUplinkPackage",
 ]
 
@@ -79,6 +75,10 @@ class ScaffoldUplinkPackage(FedAvgUplinkPackage):
     """A FedAvg uplink plus the change of the client's control, ``c_i+ - c_i``."""
 
     control_delta: torch.Tensor
+
+
+# Other ranks' skeletons may hold them (a SCAFFOLD job under torchrun).
+allow_peer_types(ScaffoldDownlinkPackage, ScaffoldUplinkPackage)
 
 
 class ScaffoldClientUpdate(FedAvgClientUpdate):
@@ -328,42 +328,10 @@ class ScaffoldServerHandler(FedAvgBaseServerHandler):
         self.control += self.round_sums[1] / self.num_clients
 
 
-def _need_state_dir(kwargs: dict[str, Any], name: str) -> None:
-    if kwargs.get("state_dir") is None:
-        raise ValueError(
-            f"{name} needs state_dir: SCAFFOLD keeps each client's control variate on disk"
-        )
-
-
-class ScaffoldBaseClientTrainer(FedAvgBaseClientTrainer):
-    """Serial SCAFFOLD clients: FedAvg's arguments; the keyword ``state_dir`` is required."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _need_state_dir(kwargs, type(self).__name__)
-        super().__init__(*args, client_update=ScaffoldClientUpdate(), **kwargs)
-
-
-class ScaffoldProcessPoolClientTrainer(FedAvgProcessPoolClientTrainer):
-    """SCAFFOLD clients in worker processes: FedAvg's arguments (``state_dir`` holds
-    the client controls)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, client_update=ScaffoldClientUpdate(), **kwargs)
-
-
-class ScaffoldThreadPoolClientTrainer(FedAvgThreadPoolClientTrainer):
-    """SCAFFOLD clients in worker threads: FedAvg's arguments; the keyword ``state_dir``
-    is required."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _need_state_dir(kwargs, type(self).__name__)
-        super().__init__(*args, client_update=ScaffoldClientUpdate(), **kwargs)
-
-
-class ScaffoldBatchedClientTrainer(FedAvgBatchedClientTrainer):
-    """SCAFFOLD clients trained in batched groups (:class:`ScaffoldBatchedStep`):
-    FedAvg's arguments plus ``batch_clients``; the keyword ``state_dir`` is required."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _need_state_dir(kwargs, type(self).__name__)
-        super().__init__(*args, client_update=ScaffoldClientUpdate(), **kwargs)
+SCAFFOLD = Algorithm(
+    "scaffold",
+    "SCAFFOLD (Karimireddy et al. 2020): control variates against client drift",
+    fedavg_server(ScaffoldServerHandler),
+    client=lambda options: ScaffoldClientUpdate(),
+    client_state_on_disk=True,
+)

@@ -104,15 +104,14 @@ _TORCH: dict[str, object] = {
     "Size": torch.Size,
     "device": torch.device,
 }
-# emberfl's own package types, imported only when a skeleton names one (contrib
-# imports core, so they cannot be imported here up front).
+# The core's package types, imported only when a skeleton names one. An algorithm's
+# own package types (SCAFFOLD's, FedNova's) are declared by its module with
+# allow_peer_types when it is imported, which every rank does through the registry.
 _EMBERFL = frozenset(
     {
         ("emberfl.core.fold", "_Shape"),
         ("emberfl.core.model_packages", "FedAvgUplinkPackage"),
         ("emberfl.core.model_packages", "FedAvgDownlinkPackage"),
-        ("emberfl.contrib.scaffold", "ScaffoldUplinkPackage"),
-        ("emberfl.contrib.scaffold", "ScaffoldDownlinkPackage"),
     }
 )
 _declared: dict[tuple[str, str], type] = {}
