@@ -15,6 +15,7 @@ from typing import Any
 
 from emberfl.contrib.algorithm import FEDAVG, Algorithm, RunSettings
 from emberfl.contrib.fedavg import FedAvgBaseServerHandler, FedAvgPartitionedDataset
+from emberfl.contrib.feddyn import FEDDYN
 from emberfl.contrib.fedopt import FEDADAGRAD, FEDADAM, FEDYOGI
 from emberfl.contrib.fedprox import FEDPROX
 from emberfl.contrib.scaffold import SCAFFOLD
@@ -40,6 +41,7 @@ _ENTRIES: tuple[Algorithm, ...] = (
     FEDADAM,
     FEDYOGI,
     FEDADAGRAD,
+    FEDDYN,
 )
 
 #: Every algorithm by name.
