@@ -16,6 +16,7 @@ from typing import Any
 from emberfl.contrib.algorithm import FEDAVG, Algorithm, RunSettings
 from emberfl.contrib.fedavg import FedAvgBaseServerHandler, FedAvgPartitionedDataset
 from emberfl.contrib.feddyn import FEDDYN
+from emberfl.contrib.fednova import FEDNOVA
 from emberfl.contrib.fedopt import FEDADAGRAD, FEDADAM, FEDYOGI
 from emberfl.contrib.fedprox import FEDPROX
 from emberfl.contrib.scaffold import SCAFFOLD
@@ -42,6 +43,7 @@ _ENTRIES: tuple[Algorithm, ...] = (
     FEDYOGI,
     FEDADAGRAD,
     FEDDYN,
+    FEDNOVA,
 )
 
 #: Every algorithm by name.
