@@ -71,13 +71,20 @@ def runs_figure(
                     f"columns are: {', '.join(table)}"
                 )
         name = labels[i] if labels is not None else _run_label(Path(run_dir))
-        series.append((name, table[x], table[metric]))
+        # A ``<name>_mean`` column with a ``<name>_std`` beside it (Ditto's personalized
+        # accuracy over the round's clients) is drawn with a shaded +-std band.
+        spread = table.get(metric[: -len("_mean")] + "_std") if metric.endswith("_mean") else None
+        series.append((name, table[x], table[metric], spread))
 
     figure_cls = _figure_class()
     fig = figure_cls(figsize=(7.0, 4.5))
     ax = fig.add_subplot(1, 1, 1)
-    for name, xs, ys in series:
-        ax.plot(xs, ys, label=name, linewidth=1.5)
+    for name, xs, ys, spread in series:
+        (line,) = ax.plot(xs, ys, label=name, linewidth=1.5)
+        if spread is not None:
+            ax.fill_between(
+                xs, ys - spread, ys + spread, color=line.get_color(), alpha=0.2, linewidth=0
+            )
     ax.set_xlabel(x)
     ax.set_ylabel(metric)
     ax.grid(True, alpha=0.3)
@@ -106,7 +113,9 @@ def plot_runs(
 
     Each run directory must hold the ``metrics.csv`` written by
     :class:`emberfl.metrics.MetricsWriter`; all runs share one axes, and the legend
-    names them by directory name unless ``labels`` is given. Returns the PNG path.
+    names them by directory name unless ``labels`` is given. A metric named
+    ``<name>_mean`` whose run also has a ``<name>_std`` column gets a shaded band of
+    one standard deviation either side. Returns the PNG path.
     """
     fig = runs_figure(run_dirs, metric, x=x, labels=labels, title=title)
     return _save_png(fig, out_png)

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from emberfl.contrib.algorithm import FEDAVG, Algorithm, RunSettings
+from emberfl.contrib.ditto import DITTO
 from emberfl.contrib.fedavg import FedAvgBaseServerHandler, FedAvgPartitionedDataset
 from emberfl.contrib.feddyn import FEDDYN
 from emberfl.contrib.fednova import FEDNOVA
@@ -44,6 +45,7 @@ _ENTRIES: tuple[Algorithm, ...] = (
     FEDADAGRAD,
     FEDDYN,
     FEDNOVA,
+    DITTO,
 )
 
 #: Every algorithm by name.
