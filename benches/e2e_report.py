@@ -34,15 +34,15 @@ generator BlazeFL passes and shuffles from (seed, client id, round) as ``client_
 does, each loader item is one whole batch gathered and scaled as there, one batch per
 client in the ``batch`` regime and ``samples // batch`` in the ``epoch`` one, 1 local
 epoch, the same lr (with 1 torch thread, the final model is bitwise the serial floor's:
-tests/test_bench_e2e_blazefl.py). What differs is BlazeFL's own client code, kept as it
-is: it steps ``torch.optim.SGD`` (the same update as ``sgd_step``, but building the
-optimizer costs each fresh process a one-off import of torch's compiler stack, and the
-process pool's workers are fresh every round), it builds a new model for every client
-(``select_model``), saves each client's random-generator state to a file every round
-(process pool), shows tqdm bars (written to the child's captured stderr), and averages
-with torch on the server. Its worker processes get emberfl's default torch thread count
-(1), set by the selector in the worker; BlazeFL itself leaves torch's default (one
-thread per core).
+``--check-blazefl-bits`` checks that, and tests/test_bench_e2e_blazefl.py runs it). What
+differs is BlazeFL's own client code, kept as it is: it steps ``torch.optim.SGD`` (the
+same update as ``sgd_step``, but building the optimizer costs each fresh process a
+one-off import of torch's compiler stack, and the process pool's workers are fresh every
+round), it builds a new model for every client (``select_model``), saves each client's
+random-generator state to a file every round (process pool), shows tqdm bars (written to
+the child's captured stderr), and averages with torch on the server. Its worker
+processes get emberfl's default torch thread count (1), set by the selector in the
+worker; BlazeFL itself leaves torch's default (one thread per core).
 
 Every run is a fresh subprocess, sampled every 50 ms for the RSS and PSS of its whole
 process tree (RSS counts pages of shared file mappings once per process; PSS shares
@@ -57,7 +57,7 @@ Defaults are the full report (100 clients x 500 samples, 3 rounds, both models a
 regimes): it takes a long time on a small machine. Scale it down with ``--clients``,
 ``--rounds``, ``--samples``, ``--models`` and ``--regimes``.
 
-The script is one concept, this report, and stays one file (about 700 lines) so that it
+The script is one concept, this report, and stays one file (about 800 lines) so that it
 runs with nothing but emberfl installed: each implementation is a short runner, and the
 rest is the orchestration and memory sampling they share.
 """
@@ -82,7 +82,6 @@ import psutil
 import torch
 
 from emberfl import reproducibility, store
-from emberfl.contrib.training import sgd_step
 from emberfl.core import (
     FoldTerm,
     ProcessPoolClientTrainer,
@@ -91,6 +90,7 @@ from emberfl.core import (
     deserialize_model,
     serialize_model,
 )
+from emberfl.core.training import sgd_step
 from emberfl.models import create_model
 
 MODELS = {"cnn": "cifar_cnn", "resnet18": "resnet18"}
@@ -249,6 +249,17 @@ def run_emberfl(
             times.append(now - start)
             start = now
     return times
+
+
+def serial_fedavg(setup: Setup, clients: int, rounds: int) -> torch.Tensor:
+    """The serial floor's final global parameters (its loop, untimed)."""
+    params = initial_params(setup)
+    for rnd in range(rounds):
+        acc = torch.zeros_like(params)
+        for cid in range(clients):
+            acc.add_(client_update(setup, params, cid, rnd), alpha=1.0 / clients)
+        params = acc
+    return params
 
 
 def run_serial(setup: Setup, clients: int, rounds: int, threads: int) -> list[float]:
@@ -453,6 +464,59 @@ def run_blazefl(
         return blazefl_fedavg(setup, impl, clients, rounds, workers, Path(scratch))[0]
 
 
+def check_blazefl_bits(
+    args: argparse.Namespace, models: list[str], regimes: list[str], impls: list[str]
+) -> int:
+    """``--check-blazefl-bits``: with 1 torch thread, each BlazeFL row's final global
+    model must be bitwise the serial floor's (same data, model, batches and lr).
+
+    Returns the exit status: 0 when every row matched, or with a printed skip line when
+    BlazeFL 2.0 is not importable; 1, naming the rows that differ, otherwise.
+    """
+    why_not = blazefl_missing()
+    if why_not:
+        print(f"# skipped the BlazeFL bits check: {why_not}", flush=True)
+        return 0
+    import torch.multiprocessing as torch_mp
+
+    torch_mp.set_start_method(args.start_method)  # as run_blazefl
+    torch.set_num_threads(1)
+    rows = [i for i in impls if i in BLAZEFL_IMPLS] or list(BLAZEFL_IMPLS)
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="emberfl-e2e-check-") as tmp:
+        data = Path(tmp) / "data.safetensors"
+        make_data(data, args.clients, args.samples, args.seed)
+        for model in models:
+            for regime in regimes:
+                setup = Setup(
+                    str(data), MODELS[model], regime, args.samples, args.batch, args.lr, args.seed
+                )
+                floor = serial_fedavg(setup, args.clients, args.rounds)
+                for impl in rows:
+                    scratch = Path(tmp) / f"{impl}-{model}-{regime}"
+                    scratch.mkdir()
+                    _, got = blazefl_fedavg(
+                        setup, impl, args.clients, args.rounds, args.workers, scratch
+                    )
+                    name = f"{impl} {model} {regime}"
+                    if torch.equal(got, floor):
+                        print(f"{name}: bitwise the serial floor's", flush=True)
+                        continue
+                    differ = int((got != floor).sum()) if got.shape == floor.shape else -1
+                    detail = (
+                        f"{differ} of {floor.numel()} elements differ, largest by "
+                        f"{(got - floor).abs().max().item():.3g}"
+                        if differ >= 0
+                        else f"shape {tuple(got.shape)}, the floor's {tuple(floor.shape)}"
+                    )
+                    print(f"{name}: final model differs from the serial floor's ({detail})")
+                    failed.append(name)
+    if failed:
+        print(f"BlazeFL bits check failed: {', '.join(failed)}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def child_main(args: argparse.Namespace) -> None:
     setup = Setup(
         data=args.data,
@@ -627,6 +691,13 @@ def main() -> None:
         choices=("spawn", "forkserver"),
         help="how emberfl-process and blazefl-process start their workers",
     )
+    parser.add_argument(
+        "--check-blazefl-bits",
+        action="store_true",
+        help="instead of the report: check that each BlazeFL row's final model (of "
+        "--impls, default both) is bitwise the serial floor's, with 1 torch thread; exits "
+        "1 naming the rows that differ, 0 with a skip line when BlazeFL is missing",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--regime", help=argparse.SUPPRESS)
@@ -635,7 +706,7 @@ def main() -> None:
     if args.child:
         child_main(args)
         return
-    if args.rounds < 2:
+    if args.rounds < 2 and not args.check_blazefl_bits:
         parser.error("--rounds must be at least 2 (one first round, one steady round)")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
@@ -649,6 +720,8 @@ def main() -> None:
     for i in impls:
         if i not in IMPLS:
             parser.error(f"unknown implementation {i!r}; choose from {', '.join(IMPLS)}")
+    if args.check_blazefl_bits:
+        sys.exit(check_blazefl_bits(args, models, regimes, impls))
     blazefl = [i for i in impls if i in BLAZEFL_IMPLS]
     why_not = blazefl_missing() if blazefl else None
     if why_not:

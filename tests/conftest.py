@@ -4,12 +4,17 @@ Real MNIST is read from the directory in ``EMBERFL_MNIST_DIR`` (IDX files, ``.gz
 not); ``.ci/run`` points it at the project's shared data. Where it is unset the tests
 that need the real data skip with one line saying so; the loaders and partitioners
 keep tests of their own on small files the tests write themselves.
+
+The random delays and choices of the fault and timing tests come from one seed,
+``EMBERFL_TEST_SEED`` (default 7; the ``test_seed`` fixture). The pytest header shows
+it, and so does the report of a failed test that used it, so a failure can be replayed
+(``EMBERFL_TEST_SEED=<n> python -m pytest <test>``) or other draws tried.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,8 +26,42 @@ from emberfl.models import ZooModelSelector
 from emberfl.simulation import write_store
 
 MNIST_ENV = "EMBERFL_MNIST_DIR"
+SEED_ENV = "EMBERFL_TEST_SEED"
+DEFAULT_TEST_SEED = 7
 #: Clients of the ``digits`` fixture's federation.
 DIGITS_CLIENTS = 6
+
+
+def _test_seed() -> int:
+    """The seed of the tests' random delays and choices: ``EMBERFL_TEST_SEED`` or 7."""
+    raw = os.environ.get(SEED_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TEST_SEED
+    try:
+        return int(raw)
+    except ValueError:
+        raise pytest.UsageError(f"{SEED_ENV}={raw!r} is not an integer") from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"{SEED_ENV}={_test_seed()} (seed of the fault tests' random delays and choices)"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that drew from ``test_seed`` names the seed that replays it."""
+    report = yield
+    if report.failed and "test_seed" in getattr(item, "fixturenames", ()):
+        report.sections.append(("seed", f"{SEED_ENV}={_test_seed()} replays this test"))
+    return report
+
+
+@pytest.fixture(scope="session")
+def test_seed() -> int:
+    """The seed for a test's random delays and choices (``EMBERFL_TEST_SEED``, default 7)."""
+    return _test_seed()
 
 
 @pytest.fixture(autouse=True)

@@ -137,10 +137,10 @@ if __name__ == "__main__":
 class FaultyClientUpdate(FedAvgClientUpdate):
     """FedAvg's client step that misbehaves for client ``cid``.
 
-    ``mode``: ``"hang"`` (write ``marker`` with the worker's pid, then sleep; only the
-    first time, so that a retried client succeeds), ``"raise"``, ``"nan"`` (an uplink
-    full of NaN) or ``"fsize"`` (a file-size limit below an uplink's size, as on a
-    full disk, before the worker writes its uplink).
+    ``mode``: ``"hang"`` (write ``marker`` with the worker's pid, complete before it
+    appears, then sleep; only the first time, so that a retried client succeeds),
+    ``"raise"``, ``"nan"`` (an uplink full of NaN) or ``"fsize"`` (a file-size limit
+    below an uplink's size, as on a full disk, before the worker writes its uplink).
     """
 
     def __init__(self, cid: int, mode: str, marker: str = "") -> None:
@@ -154,8 +154,11 @@ class FaultyClientUpdate(FedAvgClientUpdate):
         if run.cid != self.cid:
             return package
         if self.mode == "hang" and not os.path.exists(self.marker):
-            Path(self.marker).write_text(str(os.getpid()))
-            time.sleep(60)
+            # Written whole, then renamed: whoever sees the marker can read the pid.
+            partial = Path(f"{self.marker}.partial")
+            partial.write_text(str(os.getpid()))
+            os.replace(partial, self.marker)
+            time.sleep(60)  # until killed (or timed out) by the test
         elif self.mode == "raise":
             raise RuntimeError(f"injected failure in client {run.cid}")
         elif self.mode == "nan":

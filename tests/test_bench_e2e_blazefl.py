@@ -1,37 +1,34 @@
 """The BlazeFL rows of benches/e2e_report.py do the report's work: with BlazeFL 2.0's
 FedAvg trainers and server handler unchanged, the final global model is bitwise the
 serial floor's (same model, samples, batches, lr; torch.optim.SGD's step is sgd_step's).
+The report checks it itself (``--check-blazefl-bits``), run here as a subprocess.
 Skipped when blazefl 2.0 is not installed."""
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-import torch
 
 pytest.importorskip("blazefl.contrib")
 
 pytestmark = pytest.mark.slow
 
-BENCHES = Path(__file__).resolve().parent.parent / "benches"
-
-
-@pytest.fixture(scope="module")
-def report() -> ModuleType:
-    if str(BENCHES) not in sys.path:
-        sys.path.insert(0, str(BENCHES))  # the pool's workers unpickle e2e_report's classes
-    spec = importlib.util.spec_from_file_location("e2e_report", BENCHES / "e2e_report.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["e2e_report"] = module
-    spec.loader.exec_module(module)
-    if module.blazefl_missing():
-        pytest.skip(module.blazefl_missing())
-    return module
+REPORT = Path(__file__).resolve().parents[1] / "benches" / "e2e_report.py"
+SKIPPED = "# skipped the BlazeFL bits check: "
+#: The report's sizes for the check (the serial floor runs in the report's process too).
+SMALL = {
+    "models": "cnn",
+    "clients": 4,
+    "samples": 100,
+    "rounds": 2,
+    "batch": 50,
+    "lr": 0.1,
+    "seed": 0,
+    "workers": 2,
+}
 
 
 @pytest.mark.parametrize(
@@ -42,23 +39,18 @@ def report() -> ModuleType:
         ("blazefl-process", "batch"),
     ],
 )
-def test_blazefl_rows_match_serial_floor(
-    report: ModuleType, tmp_path: Path, impl: str, regime: str
-) -> None:
-    clients, samples, rounds = 4, 100, 2
-    data = tmp_path / "data.safetensors"
-    report.make_data(data, clients, samples, seed=0)
-    setup = report.Setup(str(data), "cifar_cnn", regime, samples, 50, 0.1, 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        params = report.initial_params(setup)
-        for rnd in range(rounds):
-            total = torch.zeros_like(params)
-            for cid in range(clients):
-                total.add_(report.client_update(setup, params, cid, rnd), alpha=1.0 / clients)
-            params = total
-        _, got = report.blazefl_fedavg(setup, impl, clients, rounds, 2, tmp_path)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(got, params)
+def test_blazefl_rows_match_serial_floor(impl: str, regime: str) -> None:
+    sizes = [f"--{k}={v}" for k, v in SMALL.items()]
+    check = [str(REPORT), "--check-blazefl-bits", f"--impls={impl}", f"--regimes={regime}"]
+    done = subprocess.run(
+        [sys.executable, *check, *sizes],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith(SKIPPED):
+            pytest.skip(line.removeprefix(SKIPPED))
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert f"{impl} cnn {regime}: bitwise the serial floor's" in done.stdout, done.stdout

@@ -29,8 +29,8 @@ from safetensors.torch import load_file
 
 import emberfl
 from emberfl.checkpoint import WORK_PREFIX, RunDirLock
-from emberfl.cluster import Cluster
 from emberfl.config import ConfigError
+from emberfl.distributed.cluster import Cluster
 from emberfl.simulation import run_simulation
 from linux import default_sigint
 
@@ -261,10 +261,12 @@ def test_a_dead_or_stopped_rank_is_named_and_nothing_is_left(tmp_path: Path, how
 
 @pytest.mark.faults
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
-def test_torchrun_restarts_resume_bit_for_bit(references: dict[str, Path], tmp_path: Path) -> None:
-    """Kill one rank of a 2-node job at a random round; ``--max-restarts 1`` restarts
-    the group, rank 0 resumes from the last checkpoint, and the model is the one of an
-    uninterrupted run."""
+def test_torchrun_restarts_resume_bit_for_bit(
+    references: dict[str, Path], tmp_path: Path, test_seed: int
+) -> None:
+    """Kill one rank of a 2-node job at a random round (``test_seed`` draws it);
+    ``--max-restarts 1`` restarts the group, rank 0 resumes from the last checkpoint,
+    and the model is the one of an uninterrupted run."""
     reference = tmp_path / "reference"
     settings = {**SETTINGS, "rounds": 12, "epochs": 5, "checkpoint_every": 1}
     run_simulation(settings, workers=2, out=str(reference))
@@ -273,7 +275,7 @@ def test_torchrun_restarts_resume_bit_for_bit(references: dict[str, Path], tmp_p
             "--workers", "1", "--out", str(out)]  # fmt: skip
     agents = _agents(2, 1, args, "--max-restarts", "1")
     try:
-        _wait_rows(out, random.Random().randint(2, 6), agents)
+        _wait_rows(out, random.Random(test_seed).randint(2, 6), agents)  # EMBERFL_TEST_SEED
         killed = False
         for proc in psutil.process_iter():
             try:

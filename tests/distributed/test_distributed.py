@@ -22,11 +22,11 @@ from emberfl.contrib import (
     FedAvgBaseServerHandler,
     FedAvgThreadPoolClientTrainer,
 )
-from emberfl.core.distributed import assign_clients, broadcast_package, combine_sums
-from emberfl.core.distributed_trainer import DistributedClientTrainer
 from emberfl.core.errors import RankFailedError
-from emberfl.core.rank_watch import RankWatch
 from emberfl.data import iid, load_digits
+from emberfl.distributed.collectives import assign_clients, broadcast_package, combine_sums
+from emberfl.distributed.rank_watch import RankWatch
+from emberfl.distributed.trainer import DistributedClientTrainer
 from emberfl.models import ZooModelSelector
 from emberfl.simulation import write_store
 from emberfl.streaming import StreamingSum

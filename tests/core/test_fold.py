@@ -50,26 +50,29 @@ ROUNDS = 2
 class ShuffledUpdate(FedAvgClientUpdate):
     """FedAvg's step after a random pause, so clients finish in a shuffled order.
 
-    The pause comes from a generator of its own (``order`` seeds it): the training
-    is untouched. ``nan_cid`` makes that client's model NaN; ``die_cid`` makes its
-    worker process exit once (the first time, marked by a file in ``die_flag``).
+    The pause comes from a generator of its own (``seed``, the ``test_seed`` fixture,
+    and ``order`` seed it): the training is untouched. ``nan_cid`` makes that client's
+    model NaN; ``die_cid`` makes its worker process exit once (the first time, marked by
+    a file in ``die_flag``).
     """
 
     def __init__(
         self,
         order: int,
         *,
+        seed: int,
         nan_cid: int | None = None,
         die_cid: int | None = None,
         die_flag: str | None = None,
     ) -> None:
         self.order = order
+        self.seed = seed
         self.nan_cid = nan_cid
         self.die_cid = die_cid
         self.die_flag = die_flag
 
     def begin(self, run: LocalRun) -> None:
-        pause = random.Random(self.order * 1000 + run.cid + 97 * current_client().round)
+        pause = random.Random(f"{self.seed}:{self.order}:{run.cid}:{current_client().round}")
         time.sleep(pause.uniform(0.0, 0.03))
         if run.cid == self.die_cid and self.die_flag is not None:
             flag = Path(self.die_flag)
@@ -86,8 +89,14 @@ class ShuffledUpdate(FedAvgClientUpdate):
 
 
 class ShuffledScaffold(ScaffoldClientUpdate):
+    """SCAFFOLD's step after a random pause (from ``seed``, as in ShuffledUpdate)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
     def begin(self, run: LocalRun) -> None:
-        time.sleep(random.Random(run.cid * 31 + current_client().round).uniform(0.0, 0.03))
+        pause = random.Random(f"{self.seed}:scaffold:{run.cid}:{current_client().round}")
+        time.sleep(pause.uniform(0.0, 0.03))
         super().begin(run)
 
 
@@ -132,10 +141,11 @@ def _trainer(
     return trainer
 
 
-def test_fedavg_folded_anywhere_gives_the_bits_of_the_list(digits: Any, tmp_path: Path) -> None:
-    reference = _run(
-        _handler(digits), _trainer(digits, "serial", tmp_path, ShuffledUpdate(0)), fold=False
-    )
+def test_fedavg_folded_anywhere_gives_the_bits_of_the_list(
+    digits: Any, tmp_path: Path, test_seed: int
+) -> None:
+    serial = _trainer(digits, "serial", tmp_path, ShuffledUpdate(0, seed=test_seed))
+    reference = _run(_handler(digits), serial, fold=False)
     layouts = [
         ("serial", 1, 1),
         ("thread", 1, 2),
@@ -145,24 +155,24 @@ def test_fedavg_folded_anywhere_gives_the_bits_of_the_list(digits: Any, tmp_path
         ("process", 3, 6),
     ]
     for kind, workers, order in layouts:
-        trainer = _trainer(
-            digits, kind, tmp_path / f"{kind}{workers}", ShuffledUpdate(order), workers
-        )
+        update = ShuffledUpdate(order, seed=test_seed)
+        trainer = _trainer(digits, kind, tmp_path / f"{kind}{workers}", update, workers)
         model = _run(_handler(digits), trainer, fold=True)
         assert torch.equal(model, reference), (kind, workers)
     # The process pool's list path too, and the run really trained.
-    listed = _run(
-        _handler(digits), _trainer(digits, "process", tmp_path / "l", ShuffledUpdate(9)), False
-    )
+    process = _trainer(digits, "process", tmp_path / "l", ShuffledUpdate(9, seed=test_seed))
+    listed = _run(_handler(digits), process, False)
     assert torch.equal(listed, reference)
     assert not torch.equal(reference, serialize_model(_handler(digits).model))
 
 
-def test_folded_stand_ins_carry_each_clients_metadata(digits: Any, tmp_path: Path) -> None:
+def test_folded_stand_ins_carry_each_clients_metadata(
+    digits: Any, tmp_path: Path, test_seed: int
+) -> None:
     handler = _handler(digits)
     received: list[FoldedRound] = []
     fold = handler.uplink_fold()
-    trainer = _trainer(digits, "process", tmp_path, ShuffledUpdate(1), 2)
+    trainer = _trainer(digits, "process", tmp_path, ShuffledUpdate(1, seed=test_seed), 2)
     trainer.uplink_fold = UplinkFold(
         fold.terms, sink=lambda r: (received.append(r), fold.sink(r) if fold.sink else None)
     )
@@ -185,8 +195,10 @@ def test_folded_stand_ins_carry_each_clients_metadata(digits: Any, tmp_path: Pat
 
 
 @pytest.mark.parametrize("kind", ["process", "thread", "serial"])
-def test_nonfinite_uplinks_are_named_or_dropped(digits: Any, tmp_path: Path, kind: str) -> None:
-    update = ShuffledUpdate(2, nan_cid=3)
+def test_nonfinite_uplinks_are_named_or_dropped(
+    digits: Any, tmp_path: Path, kind: str, test_seed: int
+) -> None:
+    update = ShuffledUpdate(2, seed=test_seed, nan_cid=3)
     with pytest.raises(NonFiniteError, match=r"model updates of clients \[3\]"):
         _run(_handler(digits), _trainer(digits, kind, tmp_path / "a", update), fold=True)
     folded_handler = _handler(digits, nonfinite="drop")
@@ -198,7 +210,9 @@ def test_nonfinite_uplinks_are_named_or_dropped(digits: Any, tmp_path: Path, kin
     assert torch.equal(folded, listed)
 
 
-def test_scaffold_folds_model_and_control_on_every_layout(digits: Any, tmp_path: Path) -> None:
+def test_scaffold_folds_model_and_control_on_every_layout(
+    digits: Any, tmp_path: Path, test_seed: int
+) -> None:
     dataset, selector = digits
     args = (selector, "mlp", dataset, "cpu", CLIENTS, 1, 16, 0.1, 7)
     results = {}
@@ -208,16 +222,16 @@ def test_scaffold_folds_model_and_control_on_every_layout(digits: Any, tmp_path:
         # SCAFFOLD's trainers are FedAvg's with its client step; this one pauses first.
         if kind.startswith("serial"):
             trainer = FedAvgBaseClientTrainer(
-                *args, state_dir=state, client_update=ShuffledScaffold(), progress=False
+                *args, state_dir=state, client_update=ShuffledScaffold(test_seed), progress=False
             )
         elif kind == "thread":
             trainer = FedAvgThreadPoolClientTrainer(
-                *args, 3, state_dir=state, client_update=ShuffledScaffold(), progress=False
+                *args, 3, state_dir=state, client_update=ShuffledScaffold(test_seed), progress=False
             )
         else:
             trainer = FedAvgProcessPoolClientTrainer(
                 selector, "mlp", state, dataset, "cpu", CLIENTS, 1, 16, 0.1, 7, 2,
-                client_update=ShuffledScaffold(), progress=False, share_dir=tmp_path,
+                client_update=ShuffledScaffold(test_seed), progress=False, share_dir=tmp_path,
                 torch_threads=1,
             )  # fmt: skip
         handler = _handler(digits, "scaffold")
@@ -232,13 +246,12 @@ def test_scaffold_folds_model_and_control_on_every_layout(digits: Any, tmp_path:
 
 @pytest.mark.faults
 def test_a_worker_dying_with_folded_sums_retrains_its_clients(
-    digits: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    digits: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, test_seed: int
 ) -> None:
-    reference = _run(
-        _handler(digits), _trainer(digits, "serial", tmp_path, ShuffledUpdate(0)), fold=False
-    )
+    serial = _trainer(digits, "serial", tmp_path, ShuffledUpdate(0, seed=test_seed))
+    reference = _run(_handler(digits), serial, fold=False)
     # Client 5 runs late in the round, in a worker that has folded others by then.
-    update = ShuffledUpdate(3, die_cid=5, die_flag=str(tmp_path / "died"))
+    update = ShuffledUpdate(3, seed=test_seed, die_cid=5, die_flag=str(tmp_path / "died"))
     trainer = _trainer(digits, "process", tmp_path / "p", update, 2)
     trainer.retry_crashed = True
     with caplog.at_level(logging.WARNING, logger="emberfl.core.pool"):

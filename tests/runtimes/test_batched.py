@@ -29,8 +29,6 @@ from emberfl.contrib import (
     FedAvgBaseServerHandler,
     FedAvgBatchedClientTrainer,
     FedAvgClientUpdate,
-    FedAvgProcessPoolClientTrainer,
-    FedAvgThreadPoolClientTrainer,
     FedProxBaseClientTrainer,
     FedProxBatchedClientTrainer,
     LocalRun,
@@ -40,12 +38,11 @@ from emberfl.contrib import (
     ScaffoldServerHandler,
     ScaffoldUplinkPackage,
 )
-from emberfl.contrib.fedavg.batched import check_batchable
-from emberfl.contrib.registry import TrainerClasses
 from emberfl.contrib.scaffold import CONTROL_KEY
 from emberfl.data import Partition, load_digits
 from emberfl.metrics import read_metrics
 from emberfl.models import ZooModelSelector
+from emberfl.runtimes.batched import check_batchable
 from emberfl.simulation import (
     Simulation,
     load_checkpoint,
@@ -199,12 +196,6 @@ def test_models_and_steps_that_cannot_be_batched_are_refused(digits: Any) -> Non
         FedAvgBatchedClientTrainer(
             selector, "mlp", dataset, "cpu", CLIENTS, 1, 10, 0.1, 7, batch_clients=0
         )
-    assert TrainerClasses.__dataclass_fields__["batched"].default is None
-    without = TrainerClasses(
-        FedAvgProcessPoolClientTrainer, FedAvgThreadPoolClientTrainer, FedAvgBaseClientTrainer
-    )
-    with pytest.raises(ValueError, match="no batched runtime"):
-        without.for_runtime("batched")
 
 
 def test_emberfl_run_with_the_batched_runtime(tmp_path: Path) -> None:

@@ -31,7 +31,8 @@ from emberfl.core import (
 )
 from linux import default_sigint, proc_self
 
-TESTS_DIR = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # this module, imported by the child script
+TESTS_DIR = HERE.parent  # tests/: linux.py, which this module imports
 
 
 class ScriptedTrainer(ProcessPoolClientTrainer[dict, dict, dict, dict]):
@@ -71,8 +72,10 @@ class ScriptedTrainer(ProcessPoolClientTrainer[dict, dict, dict, dict]):
         if action == "sleep":
             time.sleep(arg)
         if action == "announce_and_sleep":
-            (scratch / f"pid-{cid}").write_text(str(os.getpid()))
-            time.sleep(arg)
+            # Written whole, then renamed: whoever sees pid-<cid> can read the pid.
+            (scratch / f"pid-{cid}.partial").write_text(str(os.getpid()))
+            os.replace(scratch / f"pid-{cid}.partial", scratch / f"pid-{cid}")
+            time.sleep(arg)  # until killed, interrupted or replaced
         if action == "wait_for_flag":
             # Finishes only once the parent has written the flag (or fails after arg s).
             deadline = time.monotonic() + arg
@@ -207,10 +210,10 @@ def test_a_raising_client_names_its_cid_with_the_worker_traceback(
 
 
 def _kill_when_announced(path: Path, killed: list[tuple[int, float]]) -> None:
-    deadline = time.monotonic() + 60
+    # Once the file exists the worker is inside the client (announce_and_sleep).
+    deadline = time.monotonic() + 120
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.1)
     pid = int(path.read_text())
     os.kill(pid, signal.SIGKILL)
     killed.append((pid, time.monotonic()))
@@ -442,9 +445,9 @@ def test_a_share_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
 
 _EXIT_SCRIPT = """
 import sys, time
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{here!r}, {tests!r}]
 import torch
-from test_pool_process import ScriptedTrainer
+from test_process import ScriptedTrainer
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -466,7 +469,9 @@ def _run_script(tmp_path: Path, interrupt: bool) -> tuple[subprocess.Popen[str],
     script = tmp_path / "sim.py"
     script.write_text(
         textwrap.dedent(
-            _EXIT_SCRIPT.format(tests=str(TESTS_DIR), scratch=str(tmp_path), interrupt=interrupt)
+            _EXIT_SCRIPT.format(
+                here=str(HERE), tests=str(TESTS_DIR), scratch=str(tmp_path), interrupt=interrupt
+            )
         )
     )
     # The child imports the same emberfl as this interpreter (installed or editable).

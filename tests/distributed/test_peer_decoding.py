@@ -33,24 +33,19 @@ from emberfl.contrib import (
     ScaffoldServerHandler,
     ScaffoldUplinkPackage,
 )
-from emberfl.core import BaseClientTrainer, peer_codec
-from emberfl.core.distributed import (
+from emberfl.core import BaseClientTrainer
+from emberfl.core.errors import RankFailedError
+from emberfl.core.fold import FoldTerm, InProcessFold, UplinkFold, _Shape
+from emberfl.core.packages import split_package
+from emberfl.distributed import peer_codec
+from emberfl.distributed.collectives import (
     broadcast_package,
     broadcast_tensors,
     combine_sums,
     describe_package,
     gather_bytes,
 )
-from emberfl.core.distributed_trainer import (
-    DistributedClientTrainer,
-    RoundHeader,
-    read_stand_ins,
-    write_stand_ins,
-)
-from emberfl.core.errors import RankFailedError
-from emberfl.core.fold import FoldTerm, InProcessFold, UplinkFold, _Shape
-from emberfl.core.packages import split_package
-from emberfl.core.peer_codec import (
+from emberfl.distributed.peer_codec import (
     PeerDataError,
     allow_peer_types,
     check_layout,
@@ -58,7 +53,13 @@ from emberfl.core.peer_codec import (
     declared_package_types,
     load_skeleton,
 )
-from emberfl.core.rank_watch import RankWatch
+from emberfl.distributed.rank_watch import RankWatch
+from emberfl.distributed.trainer import (
+    DistributedClientTrainer,
+    RoundHeader,
+    read_stand_ins,
+    write_stand_ins,
+)
 from emberfl.streaming import StreamingSum
 
 
