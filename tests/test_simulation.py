@@ -17,6 +17,7 @@ from emberfl.metrics import read_metrics
 from emberfl.models import create_model
 from emberfl.simulation import (
     ALGORITHMS,
+    RUNTIMES,
     ConfigError,
     Simulation,
     SimulationConfig,
@@ -59,7 +60,7 @@ def test_defaults_are_the_quick_start() -> None:
 def test_default_workers_fill_this_ranks_cpus_at_the_thread_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import emberfl.core.runtime as runtime
+    import emberfl.runtimes.cpus as runtime
 
     monkeypatch.setattr(runtime, "available_cpus", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -258,26 +259,24 @@ def test_mnist_with_the_2nn(tmp_path: Path, mnist_dir: Path) -> None:
 
 def test_the_registry_names_every_algorithm(tmp_path: Path) -> None:
     from emberfl.contrib import registry
+    from emberfl.contrib.fedavg import FedAvgBaseClientTrainer
+    from emberfl.contrib.fedprox import FedProxClientUpdate
     from emberfl.models import ZooModelSelector
 
     assert ALGORITHMS == tuple(registry.ALGORITHM_SPECS) == registry.ALGORITHMS
-    assert [n for n in ALGORITHMS if registry.algorithm_spec(n).client_state_on_disk] == [
-        "scaffold"
-    ]
-    for name in ALGORITHMS:
-        trainers = registry.algorithm_spec(name).trainers
-        kinds = ("ProcessPool", "ThreadPool", "Base", "Batched")
-        for runtime, kind in zip(registry.RUNTIMES, kinds, strict=True):
-            assert f"{kind}ClientTrainer" in trainers.for_runtime(runtime).__name__
+    assert set(RUNTIMES) == {"process", "thread", "serial", "batched"}
     with pytest.raises(ValueError, match="unknown algorithm 'fedsgd'; choose one of: fedavg"):
         registry.algorithm_spec("fedsgd")
-    with pytest.raises(ValueError, match="unknown runtime 'gpu'"):
-        registry.algorithm_spec("fedavg").trainers.for_runtime("gpu")
     config = SimulationConfig(algorithm="fedprox", mu=0.25, runtime="serial")
-    spec = registry.algorithm_spec("fedprox")
-    assert spec.client_options(config) == {"mu": 0.25}
+    with pytest.raises(ValueError, match="unknown runtime 'gpu'"):
+        registry.make_client_trainer(
+            "fedprox", "gpu", None, None, config, state_dir=tmp_path / "state"
+        )
     selector = ZooModelSelector((1, 8, 8), 10)
     trainer = registry.make_client_trainer(
         "fedprox", "serial", selector, None, config, state_dir=tmp_path / "state"
     )
-    assert type(trainer).__name__ == "FedProxBaseClientTrainer" and trainer.mu == 0.25
+    # The serial runtime itself, running FedProx's step with the configured mu.
+    assert type(trainer) is FedAvgBaseClientTrainer
+    assert isinstance(trainer.client_update, FedProxClientUpdate)
+    assert trainer.client_update.mu == 0.25
