@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +32,7 @@ __all__ = [
     "RoundMetrics",
     "evaluate",
     "read_metrics",
+    "round_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,37 @@ class RoundMetrics:
                 raise ValueError(f"extra metric {key!r} clashes with a standard column")
             row[key] = value
         return row
+
+
+def round_metrics(
+    index: int,
+    summary: Mapping[str, float],
+    clients: Sequence[tuple[Mapping[str, float] | None, int]],
+    **figures: Any,
+) -> RoundMetrics:
+    """A round's :class:`RoundMetrics` from the server's ``summary`` (``server_acc``,
+    ``server_loss`` and any figures of the algorithm's own, which become columns) and
+    each client's uplink ``(metadata, data_size)``: the mean and largest
+    ``train_seconds``, and ``train_loss``, the data-weighted mean client loss.
+    ``figures`` are the other fields (times, bytes, ``dropped`` among the extras)."""
+    seconds = [(meta or {}).get("train_seconds", math.nan) for meta, _ in clients]
+    weight = sum(n for _, n in clients)
+    loss = sum((meta or {}).get("loss", math.nan) * n for meta, n in clients)
+    extra = {
+        "train_loss": loss / weight if weight > 0 else math.nan,
+        "dropped": float(figures.pop("dropped")),
+        **{k: float(v) for k, v in summary.items() if k not in ("server_acc", "server_loss")},
+    }
+    return RoundMetrics(
+        round=index,
+        accuracy=summary["server_acc"],
+        loss=summary["server_loss"],
+        client_train_seconds_mean=sum(seconds) / len(seconds) if seconds else 0.0,
+        client_train_seconds_max=max(seconds) if seconds else 0.0,
+        num_clients=len(clients),
+        extra=extra,
+        **figures,
+    )
 
 
 BASE_COLUMNS: tuple[str, ...] = tuple(

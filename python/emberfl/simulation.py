@@ -9,11 +9,12 @@ directory), builds the algorithm's server handler and client trainer (see
 * ``config.json`` -- the resolved configuration (written first; see
   :mod:`emberfl.config`);
 * ``metrics.csv`` -- one row per evaluated round (see :mod:`emberfl.metrics`), with
-  the extra columns ``train_loss`` (mean client training loss) and ``dropped``
-  (client updates left out for holding NaN/Inf);
+  the extra columns ``train_loss`` (mean client training loss), ``dropped`` (client
+  updates left out for holding NaN/Inf) and the algorithm's own (Ditto's);
 * ``model.safetensors`` -- the final global model, readable by
   :func:`emberfl.store.load` / :func:`emberfl.store.load_model`;
-* ``client_state/`` -- per-client state files (SCAFFOLD's control variates);
+* ``client_state/`` -- per-client state files (SCAFFOLD's controls, FedDyn's
+  gradients, Ditto's personal models);
 * ``checkpoint-<round>/`` and ``latest`` -- the last checkpoint (every
   ``checkpoint_every`` rounds) and the name of it; :func:`resume_simulation` (``emberfl
   resume DIR``) continues a run from there. :mod:`emberfl.checkpoint` has the layout
@@ -87,12 +88,9 @@ from emberfl.data import Dataset, Partition, StorePartitionedDataset
 from emberfl.distributed.cluster import Cluster
 from emberfl.distributed.trainer import DistributedClientTrainer
 from emberfl.fileio import atomic_write_text, refuse_symlink
-from emberfl.metrics import METRICS_FILE, MetricsWriter, RoundMetrics
+from emberfl.metrics import METRICS_FILE, MetricsWriter, RoundMetrics, round_metrics
 from emberfl.models import ZooModelSelector
 from emberfl.run_data import load_run_data, write_store
-
-#: The keys of a handler's summary that have columns of their own.
-_SERVER_SUMMARY = ("server_acc", "server_loss")
 
 # Names defined in emberfl.config and emberfl.checkpoint are re-exported: they are the
 # documented Python interface of a run (emberfl.simulation.resume_simulation, ...).
@@ -413,8 +411,7 @@ class Simulation:
         uplinks: list[FedAvgUplinkPackage] = trainer.uplink_package()
         bytes_down = tensor_bytes(payload) * len(cids)
         bytes_up = sum(tensor_bytes(p) for p in uplinks)
-        seconds = [(p.metadata or {}).get("train_seconds", math.nan) for p in uplinks]
-        losses = [((p.metadata or {}).get("loss", math.nan), p.data_size) for p in uplinks]
+        clients = [(p.metadata, p.data_size) for p in uplinks]
         for package in uplinks:
             handler.load(package)
         del payload, uplinks  # drops the mappings of this round's files
@@ -423,25 +420,14 @@ class Simulation:
         if index % self.config.eval_every != 0 and not last:
             self._maybe_checkpoint()
             return None
-        summary = handler.get_summary()
-        weight = sum(n for _, n in losses)
-        train_loss = sum(loss * n for loss, n in losses) / weight if weight > 0 else math.nan
-        metrics = RoundMetrics(
-            round=index,
-            accuracy=summary["server_acc"],
-            loss=summary["server_loss"],
+        metrics = round_metrics(
+            index,
+            handler.get_summary(),
+            clients,
             round_seconds=time.perf_counter() - start,
-            client_train_seconds_mean=sum(seconds) / len(seconds) if seconds else 0.0,
-            client_train_seconds_max=max(seconds) if seconds else 0.0,
             bytes_up=bytes_up,
             bytes_down=bytes_down,
-            num_clients=len(cids),
-            extra={
-                "train_loss": train_loss,
-                "dropped": float(len(handler.dropped)),
-                # An algorithm's own figures (Ditto's personalized accuracy) as columns.
-                **{k: float(v) for k, v in summary.items() if k not in _SERVER_SUMMARY},
-            },
+            dropped=len(handler.dropped),
         )
         writer.write(metrics)
         self._maybe_checkpoint()
