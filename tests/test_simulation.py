@@ -13,6 +13,7 @@ import torch
 
 from emberfl import config as config_module
 from emberfl import store
+from emberfl.contrib.registry import algorithm_spec
 from emberfl.metrics import read_metrics
 from emberfl.models import create_model
 from emberfl.simulation import (
@@ -205,7 +206,7 @@ def test_every_algorithm_runs_and_learns(algorithm: str, tmp_path: Path) -> None
     result = run_simulation(TINY, out=str(tmp_path / "r"), algorithm=algorithm, **extra)
     assert result.final_accuracy > 0.4
     state = tmp_path / "r" / "client_state"
-    if algorithm == "scaffold":
+    if algorithm_spec(algorithm).client_state_on_disk:  # SCAFFOLD, FedDyn, Ditto
         assert len(list(state.glob("*.safetensors"))) >= 3
     else:
         assert not state.exists()
