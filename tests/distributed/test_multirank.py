@@ -31,6 +31,7 @@ import emberfl
 from emberfl.checkpoint import WORK_PREFIX, RunDirLock
 from emberfl.config import ConfigError
 from emberfl.distributed.cluster import Cluster
+from emberfl.metrics import read_metrics
 from emberfl.simulation import run_simulation
 from linux import default_sigint
 
@@ -183,6 +184,32 @@ def test_ranks_give_the_bits_of_one_process(
     layout = json.loads((out / "config.json").read_text())["layout"]
     assert layout["world_size"] == world
     assert not [p for p in out.iterdir() if p.name.startswith(WORK_PREFIX)]
+
+
+def _state_files(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "client_state").glob("*"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["feddyn", "fednova", "ditto"])
+def test_the_new_algorithms_on_ranks_give_the_bits_of_one_process(
+    tmp_path: Path, algorithm: str
+) -> None:
+    # Quantity skew: clients take different numbers of steps (what FedNova corrects).
+    skew = ["--partition", "quantity"]
+    reference = tmp_path / "one"
+    run_simulation({**SETTINGS, "partition": "quantity"}, algorithm=algorithm, out=str(reference))
+    out = tmp_path / "run"
+    args = [*BASE, *skew, "--algorithm", algorithm, "--workers", "1", "--out", str(out)]
+    results = _finish(_ranks(2, args))
+    assert all(code == 0 for code, _ in results), results
+    assert _same_model(out, reference)
+    # Per-client state (FedDyn's gradients, Ditto's personal models) lives where the
+    # clients train, in the shared run directory: the same bytes as one process's.
+    assert _state_files(out) == _state_files(reference)
+    if algorithm == "ditto":  # the personalized accuracy, computed on every rank
+        mine, theirs = read_metrics(out), read_metrics(reference)
+        assert mine["personal_acc_mean"].tolist() == theirs["personal_acc_mean"].tolist()
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
