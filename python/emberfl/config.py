@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 
-from emberfl.contrib.registry import ALGORITHM_SETTINGS, ALGORITHMS, BATCHED_ALGORITHMS
+from emberfl.contrib.fedavg.server import SAMPLERS
+from emberfl.contrib.registry import (
+    ALGORITHM_SETTINGS,
+    ALGORITHMS,
+    BATCHED_ALGORITHMS,
+    check_run_privacy,
+)
 from emberfl.core.checks import at_least, check_positive_number
 from emberfl.core.setting import Check, ConfigError, Setting
 from emberfl.data import DATA_SETTINGS, DATASET_NAMES, DATASETS, PARTITION_NAMES, dataset_spec
@@ -72,6 +78,7 @@ GROUPS: tuple[str, ...] = (
     "data",
     "model and training",
     "algorithm hyper-parameters",
+    "privacy",
     "execution",
 )
 
@@ -120,7 +127,7 @@ def _device(value: object, what: str) -> object:
     return value
 
 
-_EXP, _DATA, _TRAIN, _EXEC = GROUPS[0], GROUPS[1], GROUPS[2], GROUPS[4]
+_EXP, _DATA, _TRAIN, _EXEC = GROUPS[0], GROUPS[1], GROUPS[2], GROUPS[5]
 
 
 @dataclass(init=False)
@@ -188,6 +195,14 @@ class SimulationConfig:
     clients: int = _setting(100, "number of clients in the federation", _TRAIN, at_least(1))
     sample_ratio: float = _setting(
         0.1, "fraction of clients sampled per round (C)", _TRAIN, _sample_ratio
+    )
+    sampler: str = _setting(
+        "fixed",
+        "client sampling: int(clients x sample-ratio) distinct clients a round, or each "
+        "client on its own with probability sample-ratio (Poisson, as client-level DP's "
+        "analysis assumes; the cohort's size varies)",
+        _TRAIN,
+        choices=tuple(SAMPLERS),
     )
     epochs: int = _setting(5, "local epochs per round (E)", _TRAIN, at_least(1))
     batch_size: int = _setting(10, "local batch size (B)", _TRAIN, at_least(1))
@@ -374,6 +389,10 @@ class SimulationConfig:
                 f"sample_ratio {self.sample_ratio} of {self.clients} clients selects no client "
                 "per round; raise sample_ratio or clients"
             )
+        try:
+            check_run_privacy(self.algorithm, self)
+        except (ImportError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _general_settings() -> tuple[Setting, ...]:

@@ -81,6 +81,7 @@ from emberfl.config import (
     load_config_file,
 )
 from emberfl.contrib import FedAvgBaseServerHandler, FedAvgUplinkPackage
+from emberfl.contrib.privacy import privacy_record
 from emberfl.contrib.registry import algorithm_spec, make_client_trainer, make_server_handler
 from emberfl.core.packages import tensor_bytes
 from emberfl.crashpoints import crash_point
@@ -199,7 +200,7 @@ class Simulation:
         if not path.is_file():
             raise CheckpointError(f"{directory} is not a run directory: it has no {CONFIG_FILE}")
         values = load_config_file(path)
-        for key in ("emberfl_version", "out", "layout"):
+        for key in ("emberfl_version", "out", "layout", "privacy"):
             values.pop(key, None)
         if values.get("threads", 1) is None:
             # Written before the thread count was recorded: it followed that
@@ -333,6 +334,9 @@ class Simulation:
             out=str(self.run_dir),
             emberfl_version=__version__,
         )
+        record = privacy_record(config)
+        if record is not None:
+            resolved["privacy"] = record
         return resolved
 
     def _write_config(self) -> None:
@@ -414,6 +418,8 @@ class Simulation:
         clients = [(p.metadata, p.data_size) for p in uplinks]
         for package in uplinks:
             handler.load(package)
+        if not cids:  # Poisson sampling drew nobody: the round still counts
+            handler.aggregate_empty_round()
         del payload, uplinks  # drops the mappings of this round's files
         index = handler.round
         last = handler.is_stopped()

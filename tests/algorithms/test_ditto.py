@@ -120,7 +120,7 @@ def test_one_run_matches_a_direct_implementation(tmp_path: Path) -> None:
     # Built through the registry entry, as `emberfl run` builds them.
     settings = SimpleNamespace(
         model_name="tiny", rounds=rounds, clients=3, sample_ratio=1.0, device="cpu",
-        eval_batch_size=16, seed=seed, nonfinite="raise", options=options,
+        eval_batch_size=16, seed=seed, nonfinite="raise", sampler="fixed", options=options,
     )  # fmt: skip
     data = TinyData()
     server = DITTO.server(TinySelector(), data, settings)  # type: ignore[arg-type]

@@ -58,6 +58,8 @@ class RunSettings(TrainerSettings, Protocol):
     @property
     def nonfinite(self) -> str: ...
     @property
+    def sampler(self) -> str: ...
+    @property
     def options(self) -> Mapping[str, Any]: ...
 
 
@@ -81,8 +83,10 @@ class Algorithm:
 
     ``client_state_on_disk``: its clients keep state between rounds in files under
     the trainer's ``state_dir`` (SCAFFOLD's controls), which then belong to the run
-    directory and its checkpoints. ``summary`` is the line ``--help`` and the settings
-    reference show.
+    directory and its checkpoints. ``client_dp``: its uplink is the client's model
+    alone, so client-level DP (``--dp``, :mod:`emberfl.contrib.privacy`) can send the
+    clipped update instead and the server step take the noised mean. ``summary`` is
+    the line ``--help`` and the settings reference show.
     """
 
     name: str
@@ -91,6 +95,7 @@ class Algorithm:
     client: ClientFactory = fedavg_client
     settings: tuple[Setting, ...] = ()
     client_state_on_disk: bool = False
+    client_dp: bool = False
 
 
 def fedavg_server(cls: type[FedAvgBaseServerHandler], *options: str) -> ServerFactory:
@@ -113,6 +118,7 @@ def fedavg_server(cls: type[FedAvgBaseServerHandler], *options: str) -> ServerFa
             s.seed,
             # The handler checks the value and names it in its error.
             nonfinite=cast("NonFinitePolicy", s.nonfinite),
+            sampler=s.sampler,
             **extra,
         )
 
@@ -123,4 +129,5 @@ FEDAVG = Algorithm(
     "fedavg",
     "Federated Averaging (McMahan et al. 2017): local SGD, data-size weighted mean",
     fedavg_server(FedAvgBaseServerHandler),
+    client_dp=True,
 )

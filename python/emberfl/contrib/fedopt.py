@@ -164,7 +164,9 @@ class FedAdamServerHandler(FedOptServerHandler):
 def _fedopt(name: str, summary: str, cls: type[FedOptServerHandler]) -> Algorithm:
     # FedOpt changes only the server step; its clients are FedAvg's.
     names = tuple(setting.name for setting in FEDOPT_SETTINGS)
-    return Algorithm(name, summary, fedavg_server(cls, *names), settings=FEDOPT_SETTINGS)
+    return Algorithm(
+        name, summary, fedavg_server(cls, *names), settings=FEDOPT_SETTINGS, client_dp=True
+    )
 
 
 FEDADAM = _fedopt(

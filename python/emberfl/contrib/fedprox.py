@@ -111,4 +111,5 @@ FEDPROX = Algorithm(
     fedavg_server(FedProxBaseServerHandler),
     client=lambda options: FedProxClientUpdate(options["mu"]),
     settings=(MU,),
+    client_dp=True,
 )

@@ -20,6 +20,12 @@ from emberfl.contrib.feddyn import FEDDYN
 from emberfl.contrib.fednova import FEDNOVA
 from emberfl.contrib.fedopt import FEDADAGRAD, FEDADAM, FEDYOGI
 from emberfl.contrib.fedprox import FEDPROX
+from emberfl.contrib.privacy.settings import (
+    PRIVACY_SETTINGS,
+    check_privacy,
+    private_client_step,
+    server_privacy,
+)
 from emberfl.contrib.scaffold import SCAFFOLD
 from emberfl.core import ModelSelector
 from emberfl.core.setting import Setting
@@ -31,6 +37,7 @@ __all__ = [
     "ALGORITHM_SPECS",
     "BATCHED_ALGORITHMS",
     "algorithm_spec",
+    "check_run_privacy",
     "make_client_trainer",
     "make_server_handler",
 ]
@@ -67,8 +74,9 @@ def _settings_of(entries: tuple[Algorithm, ...]) -> tuple[Setting, ...]:
     return tuple(found.values())
 
 
-#: The settings of every algorithm (config keys and ``emberfl run`` flags).
-ALGORITHM_SETTINGS: tuple[Setting, ...] = _settings_of(_ENTRIES)
+#: The settings of every algorithm and of differential privacy (config keys and
+#: ``emberfl run`` flags).
+ALGORITHM_SETTINGS: tuple[Setting, ...] = (*_settings_of(_ENTRIES), *PRIVACY_SETTINGS)
 
 
 def _batched(entries: tuple[Algorithm, ...]) -> tuple[str, ...]:
@@ -95,8 +103,16 @@ def make_server_handler(
     dataset: FedAvgPartitionedDataset,
     settings: RunSettings,
 ) -> FedAvgBaseServerHandler:
-    """The server handler of ``algorithm`` for a run with ``settings``."""
-    return algorithm_spec(algorithm).server(selector, dataset, settings)
+    """The server handler of ``algorithm`` for a run with ``settings`` (with the server
+    rule of its ``--dp`` mechanism, if any)."""
+    handler = algorithm_spec(algorithm).server(selector, dataset, settings)
+    handler.privacy = server_privacy(settings, dataset)
+    return handler
+
+
+def check_run_privacy(algorithm: str, settings: RunSettings) -> None:
+    """``ValueError`` when the run's ``--dp`` settings cannot run with ``algorithm``."""
+    check_privacy(settings, algorithm_spec(algorithm).client_dp, algorithm)
 
 
 def make_client_trainer(
@@ -111,7 +127,7 @@ def make_client_trainer(
 ) -> Any:
     """The client trainer of ``runtime`` (:mod:`emberfl.runtimes.registry`) running
     ``algorithm``'s client step."""
-    step = algorithm_spec(algorithm).client(settings.options)
+    step = private_client_step(algorithm_spec(algorithm).client(settings.options), settings.options)
     return make_trainer(
         runtime, TrainerRequest(settings, step, selector, dataset, state_dir, share_dir)
     )

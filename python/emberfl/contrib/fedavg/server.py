@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -47,12 +49,62 @@ from emberfl.reproducibility import (
 )
 from emberfl.streaming import StreamingSum
 
-__all__ = ["FedAvgBaseServerHandler", "NonFinitePolicy"]
+__all__ = ["SAMPLERS", "FedAvgBaseServerHandler", "NonFinitePolicy", "RoundRelease"]
 
 # The module's historical name: logging configurations refer to it.
 logger = logging.getLogger("emberfl.contrib.fedavg")
 
 NonFinitePolicy = Literal["raise", "drop"]
+
+#: ``sampler(rng, num_clients, sample_ratio)``: one round's client ids, sorted.
+Sampler = Callable[[random.Random, int, float], list[int]]
+
+
+def _fixed_size(rng: random.Random, num_clients: int, sample_ratio: float) -> list[int]:
+    # int(N * q) distinct clients, uniformly: BlazeFL's sampler.
+    return sorted(rng.sample(range(num_clients), int(num_clients * sample_ratio)))
+
+
+def _poisson(rng: random.Random, num_clients: int, sample_ratio: float) -> list[int]:
+    # Each client on its own with probability q: the sampling the standard
+    # client-level DP analysis assumes. A round may draw none.
+    return [cid for cid in range(num_clients) if rng.random() < sample_ratio]
+
+
+#: The client samplers by name (``--sampler``).
+SAMPLERS: Mapping[str, Sampler] = MappingProxyType({"fixed": _fixed_size, "poisson": _poisson})
+
+
+class RoundRelease(Protocol):
+    """A rule that changes what a round releases: which sums the clients fold, what the
+    downlink carries, and how the sums become the next model (client-level
+    differential privacy, :mod:`emberfl.contrib.privacy`). ``round`` is the index of
+    the round being run (rounds completed before it)."""
+
+    def fold_terms(self) -> tuple[FoldTerm, ...]: ...
+
+    def downlink(self, package: FedAvgDownlinkPackage, round: int) -> FedAvgDownlinkPackage: ...
+
+    def release(
+        self,
+        model: torch.Tensor,
+        sums: StreamingSum | None,
+        kept: list[FedAvgUplinkPackage],
+        round: int,
+    ) -> torch.Tensor:
+        """The vector handed to ``apply_update`` in place of the weighted mean, from the
+        global ``model`` and the round's ``sums`` (None when no client update was kept)."""
+        ...
+
+    def summary(self, round: int) -> dict[str, float]: ...
+
+    def exhausted(self, round: int) -> bool:
+        """Whether running round ``round`` would go beyond the rule's budget."""
+        ...
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None: ...
 
 
 class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownlinkPackage]):
@@ -70,6 +122,14 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
     ``aggregation_threads``
         Threads of the aggregation kernel (default: the CPUs available). The result
         is bitwise the same for any count.
+    ``sampler``
+        ``"fixed"`` (default): ``int(num_clients * sample_ratio)`` distinct clients a
+        round, uniformly at random. ``"poisson"``: every client takes part with
+        probability ``sample_ratio`` on its own, so the cohort's size varies (and may be
+        zero; :meth:`aggregate_empty_round` closes such a round).
+
+    :attr:`privacy` may hold a :class:`RoundRelease` (client-level DP) that changes
+    what the clients fold and how the round's sums become the model.
 
     State that a checkpoint needs: ``model``, ``round`` and ``rng_suite`` (the
     client sampler); :meth:`checkpoint_state` gathers it.
@@ -94,6 +154,7 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         *,
         nonfinite: NonFinitePolicy = "raise",
         aggregation_threads: int | None = None,
+        sampler: str = "fixed",
     ) -> None:
         check_positive_int(global_round, "global_round")
         check_positive_int(num_clients, "num_clients")
@@ -112,6 +173,8 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
             )
         if nonfinite not in ("raise", "drop"):
             raise ValueError(f"nonfinite must be 'raise' or 'drop', got {nonfinite!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if aggregation_threads is None:
             aggregation_threads = available_cpus()
         check_positive_int(aggregation_threads, "aggregation_threads")
@@ -128,6 +191,8 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         self.seed = check_seed(seed, "seed")
         self.nonfinite: NonFinitePolicy = nonfinite
         self.aggregation_threads = aggregation_threads
+        self.sampler = sampler
+        self.privacy: RoundRelease | None = None
 
         self.model.to(device)
         self.client_buffer_cache: list[FedAvgUplinkPackage] = []
@@ -137,31 +202,51 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         self.rng_suite = create_rng_suite(self.seed)
         self.round_sums: list[torch.Tensor] = []
         self._fold: _Fold | None = None
+        self._round_size: int | None = None
 
     # -- BlazeFL's protocol ----------------------------------------------------
 
     def sample_clients(self) -> list[int]:
-        """A sorted random sample of ``num_clients_per_round`` client ids."""
-        sampled = self.rng_suite.python.sample(range(self.num_clients), self.num_clients_per_round)
-        return sorted(sampled)
+        """This round's client ids, sorted, drawn by the :attr:`sampler`."""
+        sampled = SAMPLERS[self.sampler](self.rng_suite.python, self.num_clients, self.sample_ratio)
+        self._round_size = len(sampled)
+        return sampled
 
     def is_stopped(self) -> bool:
-        """Whether ``global_round`` rounds have been aggregated."""
-        return self.round >= self.global_round
+        """Whether ``global_round`` rounds have been aggregated (or the privacy
+        budget would not cover another)."""
+        if self.round >= self.global_round:
+            return True
+        return self.privacy is not None and self.privacy.exhausted(self.round)
 
     def load(self, payload: FedAvgUplinkPackage) -> bool:
-        """Buffer one uplink; aggregate once a whole round's worth has arrived."""
+        """Buffer one uplink; aggregate once a whole round's worth has arrived (the
+        clients :meth:`sample_clients` drew last)."""
         self.client_buffer_cache.append(payload)
-        if len(self.client_buffer_cache) < self.num_clients_per_round:
+        expected = self.num_clients_per_round if self._round_size is None else self._round_size
+        if len(self.client_buffer_cache) < expected:
             return False
         buffer, self.client_buffer_cache = self.client_buffer_cache, []
-        self.global_update(buffer)
-        self.round += 1
+        self._close_round(buffer)
         return True
 
+    def aggregate_empty_round(self) -> None:
+        """Close a round for which :meth:`sample_clients` drew no client (Poisson
+        sampling can): it counts as a round, and a :attr:`privacy` rule still releases
+        its noise, as its analysis requires."""
+        if self._round_size != 0 or self.client_buffer_cache:
+            raise RuntimeError("aggregate_empty_round: this round sampled clients")
+        self._close_round([])
+
+    def _close_round(self, buffer: list[FedAvgUplinkPackage]) -> None:
+        self.global_update(buffer)
+        self._round_size = None
+        self.round += 1
+
     def downlink_package(self) -> FedAvgDownlinkPackage:
-        """The global model's state vector."""
-        return FedAvgDownlinkPackage(serialize_model(self.model))
+        """The global model's state vector (with what a :attr:`privacy` rule adds)."""
+        package = FedAvgDownlinkPackage(serialize_model(self.model))
+        return package if self.privacy is None else self.privacy.downlink(package, self.round)
 
     def global_update(self, buffer: list[FedAvgUplinkPackage]) -> None:
         """Average the uplinks' models (weighted by data size) and apply the result.
@@ -197,6 +282,12 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
                 len(self.dropped),
                 self.dropped,
             )
+        if self.privacy is not None:
+            self.round_sums = sums.sums if kept else []
+            model = serialize_model(self.model)
+            released = self.privacy.release(model, sums if kept else None, kept, self.round)
+            self.apply_update(released, kept)
+            return
         if not kept:
             self.round_sums = []
             logger.warning(
@@ -250,6 +341,8 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
         }
         state["round"] = torch.tensor([self.round], dtype=torch.int64)
         state.update(rng_suite_state(self.rng_suite, prefix="rng."))
+        if self.privacy is not None:
+            state.update(self.privacy.state())
         return state
 
     def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -261,16 +354,22 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
             raise ValueError("checkpoint state has no 'round' entry")
         self.round = int(round_.item())
         self.rng_suite = restore_rng_suite(dict(state), prefix="rng.")
+        if self.privacy is not None:
+            self.privacy.load_state(state)
         self.client_buffer_cache = []
         self._fold = None
+        self._round_size = None
 
     # -- hooks -----------------------------------------------------------------
 
     def fold_terms(self) -> tuple[FoldTerm, ...]:
         """What an uplink adds to the round: named sums ``sum_i weight_i * vector_i``
         over the clients, in :attr:`round_sums` in this order; the first one's weighted
-        mean becomes the update. FedAvg: the model, weighted by the client's data size.
+        mean becomes the update. FedAvg: the model, weighted by the client's data size;
+        a :attr:`privacy` rule's own terms when it has one.
         """
+        if self.privacy is not None:
+            return self.privacy.fold_terms()
         return (FoldTerm("model", "model_parameters", "data_size"),)
 
     def apply_update(self, mean: torch.Tensor, buffer: list[FedAvgUplinkPackage]) -> None:
@@ -330,7 +429,10 @@ class FedAvgBaseServerHandler(BaseServerHandler[FedAvgUplinkPackage, FedAvgDownl
     def get_summary(self) -> dict[str, float]:
         """``server_acc`` and ``server_loss`` of the global model on the test set."""
         loss, acc = self.evaluate(self.model, self.test_loader(), self.device)
-        return {"server_acc": acc, "server_loss": loss}
+        summary = {"server_acc": acc, "server_loss": loss}
+        if self.privacy is not None:
+            summary.update(self.privacy.summary(self.round))
+        return summary
 
     # -- machinery -------------------------------------------------------------
 
