@@ -212,6 +212,22 @@ def test_the_new_algorithms_on_ranks_give_the_bits_of_one_process(
         assert mine["personal_acc_mean"].tolist() == theirs["personal_acc_mean"].tolist()
 
 
+def test_a_private_run_on_ranks_gives_the_bits_of_one_process(tmp_path: Path) -> None:
+    pytest.importorskip("dp_accounting", reason="the privacy extra is not installed")
+    # Poisson sampling and adaptive clipping: the cohort's size and the clip norm vary.
+    dp = {"dp": "adaptive", "noise_multiplier": 0.8, "sampler": "poisson"}
+    reference = tmp_path / "one"
+    run_simulation({**SETTINGS, **dp}, out=str(reference))
+    out = tmp_path / "run"
+    flags = ["--dp", "adaptive", "--noise-multiplier", "0.8", "--sampler", "poisson"]
+    results = _finish(_ranks(2, [*BASE, *flags, "--workers", "1", "--out", str(out)]))
+    assert all(code == 0 for code, _ in results), results
+    assert _same_model(out, reference)
+    mine, theirs = read_metrics(out), read_metrics(reference)
+    assert mine["epsilon"].tolist() == theirs["epsilon"].tolist()
+    assert mine["clip_norm"].tolist() == theirs["clip_norm"].tolist()
+
+
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 @pytest.mark.parametrize("algorithm", ["fedavg", "scaffold"])
 def test_two_torchrun_nodes_of_two_ranks_give_the_bits_of_one_process(

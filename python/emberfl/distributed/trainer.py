@@ -275,12 +275,9 @@ class DistributedClientTrainer:
                 "a DistributedClientTrainer folds every round: set its uplink_fold "
                 "(e.g. handler.uplink_fold()) first"
             )
+        # A rank may get no client (a Poisson round can draw fewer than the ranks, or
+        # none): it still meets the others and sends an empty sum.
         cids = [int(c) for c in cid_list]
-        if len(cids) < self.world_size:
-            raise ValueError(
-                f"{len(cids)} clients this round for {self.world_size} ranks: every rank "
-                "needs at least one client (use fewer ranks or more clients per round)"
-            )
         costs = [float(self.client_cost(c)) for c in cids] if self.client_cost else None
         skeleton, layout, tensors = describe_package(payload)
         header = RoundHeader(self._rounds_run, cids, costs, fold.terms, skeleton, layout)
