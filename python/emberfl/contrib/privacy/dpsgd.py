@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from emberfl.contrib.fedavg import (
@@ -39,7 +38,7 @@ from emberfl.contrib.fedavg import (
     LocalRun,
 )
 from emberfl.contrib.privacy.mechanism import PrivateDownlinkPackage, private_payload
-from emberfl.contrib.privacy.noise import Purpose, gaussian_from_os
+from emberfl.contrib.privacy.noise import NoiseStream, Purpose
 from emberfl.core import FoldTerm
 from emberfl.streaming import StreamingSum
 
@@ -55,26 +54,6 @@ def require_opacus() -> Any:
             "--dp sample trains with Opacus: pip install 'emberfl[privacy]'"
         ) from None
     return opacus
-
-
-class _NoiseStream:
-    """Successive standard normal draws of one client's round (or the OS's)."""
-
-    def __init__(self, seed: int | None, round: int, cid: int) -> None:
-        self._generator = (
-            None
-            if seed is None
-            else np.random.Generator(
-                np.random.PCG64(
-                    np.random.SeedSequence([seed, round], spawn_key=(int(Purpose.SAMPLE), cid))
-                )
-            )
-        )
-
-    def draw(self, n: int) -> torch.Tensor:
-        if self._generator is None:
-            return gaussian_from_os(n)
-        return torch.from_numpy(self._generator.standard_normal(n))
 
 
 class SampleLevelDPClientUpdate(FedAvgClientUpdate):
@@ -105,13 +84,13 @@ class SampleLevelDPClientUpdate(FedAvgClientUpdate):
         run.extra["dp.module"] = opacus.GradSampleModule(
             run.model, batch_first=True, loss_reduction="mean", strict=True
         )
-        run.extra["dp.noise"] = _NoiseStream(down.noise_seed, down.round, run.cid)
+        run.extra["dp.noise"] = NoiseStream(down.noise_seed, down.round, Purpose.SAMPLE, run.cid)
         self.inner.begin(run)
 
     def after_backward(self, run: LocalRun) -> Callable[[], None] | None:
         down = private_payload(run.payload)
         params = [p for p in run.model.parameters() if p.requires_grad]
-        noise: _NoiseStream = run.extra["dp.noise"]
+        noise: NoiseStream = run.extra["dp.noise"]
         clip, scale = down.clip, down.noise_multiplier * down.clip
         inner = self.inner.after_backward(run)
 

@@ -20,7 +20,14 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["NOISE_SOURCES", "Purpose", "gaussian", "gaussian_from_os", "seeded_gaussian"]
+__all__ = [
+    "NOISE_SOURCES",
+    "NoiseStream",
+    "Purpose",
+    "gaussian",
+    "gaussian_from_os",
+    "seeded_gaussian",
+]
 
 #: The ``--dp-noise-source`` choices.
 NOISE_SOURCES: tuple[str, ...] = ("seeded", "os")
@@ -38,11 +45,9 @@ class Purpose(enum.IntEnum):
 def seeded_gaussian(
     n: int, seed: int, round: int, purpose: Purpose, cid: int | None = None
 ) -> torch.Tensor:
-    """``n`` standard normal float64 values of the stream keyed by the arguments."""
-    spawn = (int(purpose),) if cid is None else (int(purpose), int(cid))
-    sequence = np.random.SeedSequence([int(seed), int(round)], spawn_key=spawn)
-    values = np.random.Generator(np.random.PCG64(sequence)).standard_normal(n)
-    return torch.from_numpy(values)
+    """``n`` standard normal float64 values of the stream keyed by the arguments (the
+    first draw of its :class:`NoiseStream`)."""
+    return NoiseStream(seed, round, purpose, cid).draw(n)
 
 
 def gaussian_from_os(n: int) -> torch.Tensor:
@@ -58,11 +63,29 @@ def gaussian_from_os(n: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values))
 
 
+class NoiseStream:
+    """Successive standard normal float64 draws of the stream keyed by ``(seed, round,
+    purpose[, cid])``, or of the OS's entropy when ``seed`` is None (a DP-SGD client
+    draws once per local step)."""
+
+    def __init__(
+        self, seed: int | None, round: int, purpose: Purpose, cid: int | None = None
+    ) -> None:
+        self._generator: np.random.Generator | None = None
+        if seed is not None:
+            spawn = (int(purpose),) if cid is None else (int(purpose), int(cid))
+            sequence = np.random.SeedSequence([int(seed), int(round)], spawn_key=spawn)
+            self._generator = np.random.Generator(np.random.PCG64(sequence))
+
+    def draw(self, n: int) -> torch.Tensor:
+        if self._generator is None:
+            return gaussian_from_os(n)
+        return torch.from_numpy(self._generator.standard_normal(n))
+
+
 def gaussian(
     n: int, seed: int | None, round: int, purpose: Purpose, cid: int | None = None
 ) -> torch.Tensor:
     """``n`` standard normal float64 values: the seeded stream, or the OS's entropy when
     ``seed`` is None."""
-    if seed is None:
-        return gaussian_from_os(n)
-    return seeded_gaussian(n, seed, round, purpose, cid)
+    return NoiseStream(seed, round, purpose, cid).draw(n)
