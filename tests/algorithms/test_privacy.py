@@ -535,3 +535,34 @@ def test_dp_sgd_runs_give_the_same_bits_on_every_runtime(
     assert all(m == models["serial"] for m in models.values())
     metrics = read_metrics(tmp_path / "serial")
     assert 0 < metrics["epsilon"].tolist()[-1] <= 20
+
+
+def _readme_privacy_commands() -> list[str]:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Differential privacy", 1)[1].split("```bash", 1)[1]
+    block = section.split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.strip().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", _readme_privacy_commands())
+def test_the_readme_privacy_commands_run_as_written(tmp_path: Path, command: str) -> None:
+    pytest.importorskip("opacus", reason="opacus is not installed")
+    words = command.split()
+    assert words[:2] == ["emberfl", "run"], command
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", CRASH_ENV)}
+    done = subprocess.run(
+        [sys.executable, "-m", "emberfl", *words[1:]],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,  # the default run directory, runs/<timestamp>-..., lands here
+        timeout=600,
+        check=False,
+        start_new_session=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    metrics = read_metrics(run_dir)
+    assert metrics["round"].tolist()[-1] == 40  # the default rounds
+    assert 0 < metrics["epsilon"].tolist()[-1] < math.inf
