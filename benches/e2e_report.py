@@ -18,6 +18,12 @@ framework overhead dominates, and one local epoch). Six ways to run the same wor
                      ``--workers`` processes) with its FedAvgBaseServerHandler
 ``blazefl-thread``   BlazeFL 2.0's FedAvgThreadPoolClientTrainer, ``--workers``
                      threads, 1 torch thread, with its FedAvgBaseServerHandler
+``emberfl-*-dp``     the emberfl pool with client-level DP (``--dp central``): each
+                     worker clips its clients' updates (``privatize``), the server
+                     adds the round's noise to the exact sum (``ClientLevelDP``)
+
+Each DP row is followed by its steady round over its pool's plain FedAvg row (the
+cost of one norm per client in the worker and one noise draw per round on the server).
 
 Both emberfl pools fold the uplinks where the clients train (``uplink_fold``): each
 worker keeps an exact sum, and the parent merges one per worker a round.
@@ -82,6 +88,12 @@ import psutil
 import torch
 
 from emberfl import reproducibility, store
+from emberfl.contrib.privacy import (
+    ClientAccountant,
+    ClientLevelDP,
+    PrivateDownlinkPackage,
+    privatize,
+)
 from emberfl.core import (
     FoldTerm,
     ProcessPoolClientTrainer,
@@ -90,6 +102,7 @@ from emberfl.core import (
     deserialize_model,
     serialize_model,
 )
+from emberfl.core.model_packages import FedAvgDownlinkPackage, FedAvgUplinkPackage
 from emberfl.core.training import sgd_step
 from emberfl.models import create_model
 
@@ -103,10 +116,16 @@ IMPLS = (
     "thread-floor",
     "blazefl-process",
     "blazefl-thread",
+    "emberfl-process-dp",
+    "emberfl-thread-dp",
 )
 BLAZEFL_IMPLS = ("blazefl-process", "blazefl-thread")
 IN_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
+# The DP rows' clip norm and noise multiplier (their cost does not depend on the values;
+# a clip this small scales every update, the longer path).
+DP_CLIP = 1.0
+DP_NOISE = 1.0
 
 
 # ------------------------------------------------------------------ shared client
@@ -195,13 +214,16 @@ class EmberProcessTrainer(ProcessPoolClientTrainer[dict, dict, dict, dict]):
 
     @staticmethod
     def worker(
-        config: dict, payload: dict, device: str, stop_event: Any, *, shm_buffer: Any = None
-    ) -> dict:
+        config: dict, payload: Any, device: str, stop_event: Any, *, shm_buffer: Any = None
+    ) -> Any:
         from emberfl.core import current_client
 
         rnd = current_client().round
-        params = client_update(config["setup"], payload["params"], config["cid"], rnd)
-        return {"params": params, "n": config["setup"].samples}
+        setup, cid = config["setup"], config["cid"]
+        if isinstance(payload, PrivateDownlinkPackage):
+            return _private_uplink(setup, payload, cid, rnd)
+        params = client_update(setup, payload["params"], cid, rnd)
+        return {"params": params, "n": setup.samples}
 
 
 class EmberThreadTrainer(ThreadPoolClientTrainer[dict, dict]):
@@ -214,11 +236,22 @@ class EmberThreadTrainer(ThreadPoolClientTrainer[dict, dict]):
         self.progress = False
         self.setup = setup
 
-    def worker(self, cid: int, device: str, payload: dict, stop_event: threading.Event) -> dict:
+    def worker(self, cid: int, device: str, payload: Any, stop_event: threading.Event) -> Any:
         from emberfl.core import current_client
 
         rnd = current_client().round
+        if isinstance(payload, PrivateDownlinkPackage):
+            return _private_uplink(self.setup, payload, cid, rnd)
         return {"params": client_update(self.setup, payload["params"], cid, rnd), "n": 1}
+
+
+def _private_uplink(
+    setup: Setup, payload: PrivateDownlinkPackage, cid: int, rnd: int
+) -> FedAvgUplinkPackage:
+    """A DP row's client: train, then clip the update as ``--dp central``'s client step."""
+    trained = client_update(setup, payload.model_parameters, cid, rnd)
+    package = FedAvgUplinkPackage(cid=cid, model_parameters=trained, data_size=setup.samples)
+    return privatize(package, payload)
 
 
 def run_emberfl(
@@ -226,7 +259,7 @@ def run_emberfl(
 ) -> list[float]:
     times = []
     start = time.perf_counter()
-    if impl == "emberfl-process":
+    if impl.startswith("emberfl-process"):
         trainer: Any = EmberProcessTrainer(setup, workers, start_method)
     else:
         torch.set_num_threads(1)
@@ -236,15 +269,34 @@ def run_emberfl(
     # FedAvg folded where the clients train (the trainer's uplink_fold): every worker
     # adds its clients' uplinks into its own exact sum and this process merges one sum
     # per worker a round -- what ``emberfl run`` does.
-    means: list[torch.Tensor] = []
-    trainer.uplink_fold = UplinkFold(
-        (FoldTerm("params", "params", "n"),), sink=lambda r: means.append(r.sums.mean("params"))
-    )
+    dp = None
+    if impl.endswith("-dp"):
+        # --dp central with every client in every round: the denominator is K.
+        dp = ClientLevelDP(
+            mechanism="central",
+            clip=DP_CLIP,
+            noise_multiplier=DP_NOISE,
+            expected_clients=float(clients),
+            accountant=ClientAccountant("fixed", clients, 1.0),
+            delta=1e-5,
+            seed=setup.seed,
+        )
+        terms = dp.fold_terms()
+    else:
+        terms = (FoldTerm("params", "params", "n"),)
+    folded: list[Any] = []
+    trainer.uplink_fold = UplinkFold(terms, sink=folded.append)
     with trainer:
-        for _ in range(rounds):
-            trainer.local_process({"params": params}, cids)
-            trainer.uplink_package()
-            params = means.pop()
+        for rnd in range(rounds):
+            if dp is None:
+                trainer.local_process({"params": params}, cids)
+                trainer.uplink_package()
+                params = folded.pop().sums.mean("params")
+            else:
+                payload = dp.downlink(FedAvgDownlinkPackage(model_parameters=params), rnd)
+                trainer.local_process(payload, cids)
+                trainer.uplink_package()
+                params = dp.release(params, folded.pop().sums, [], rnd)
             now = time.perf_counter()
             times.append(now - start)
             start = now
@@ -742,7 +794,7 @@ def main() -> None:
         flush=True,
     )
     header = (
-        f"{'model':9} {'regime':6} {'run':16} {'first s':>8} {'steady s':>9} {'start-up':>9} "
+        f"{'model':9} {'regime':6} {'run':18} {'first s':>8} {'steady s':>9} {'start-up':>9} "
         f"{'x par.floor':>11} {'peak RSS MB':>12} {'peak PSS MB':>12} {'parent RSS MB':>14}"
     )
     with tempfile.TemporaryDirectory(prefix="emberfl-e2e-") as tmp:
@@ -784,11 +836,19 @@ def main() -> None:
                     used = " / ".join(sorted(threads_used.get(impl, ())))
                     name = impl + (f" ({used})" if used else "")
                     print(
-                        f"{model:9} {regime:6} {name:16} {first:8.2f} {steady:9.2f} "
+                        f"{model:9} {regime:6} {name:18} {first:8.2f} {steady:9.2f} "
                         f"{first - steady:9.2f} {ratio:>11} {row['rss'] / 2**20:12.0f} "
                         f"{row['pss'] / 2**20:12.0f} {row['root_rss'] / 2**20:14.0f}",
                         flush=True,
                     )
+                for impl in (i for i in rows if i.endswith("-dp")):
+                    base = rows.get(impl.removesuffix("-dp"))
+                    if base is not None:
+                        print(
+                            f"{'':9} {'':6} {impl} steady / {impl.removesuffix('-dp')} "
+                            f"steady: {rows[impl]['steady'] / base['steady']:.3f}",
+                            flush=True,
+                        )
                 serial = rows.get("serial-floor")
                 if serial is not None and "emberfl-process" in rows:
                     budget = serial["rss"] / 2**20 + (args.workers + 3) * model_mb
