@@ -5,9 +5,6 @@ paper's rule, the held-out split, and ``emberfl run --algorithm ditto`` end to e
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from cli_run import emberfl
 from emberfl.cli import main
 from emberfl.contrib.ditto import DITTO, PERSONAL_KEY, holdout_split, split_loader
 from emberfl.contrib.fedavg import (
@@ -257,21 +255,8 @@ PERSONAL_COLUMNS = (
 )
 
 
-def _emberfl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    return subprocess.run(
-        [sys.executable, "-m", "emberfl", *args],
-        capture_output=True,
-        text=True,
-        env={**base, **(env or {})},
-        timeout=300,
-        check=False,
-        start_new_session=True,  # a crash point kills the run's process group, not pytest
-    )
-
-
 def _run(out: Path, *flags: str) -> None:
-    done = _emberfl(*COMMAND, *flags, "--out", str(out))
+    done = emberfl(*COMMAND, *flags, "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -334,7 +319,7 @@ def test_metrics_have_personal_columns_and_plot_with_a_band(
 
     out = plot_runs([run_dir], tmp_path / "personal.png", metric="personal_acc_mean")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    done = _emberfl(
+    done = emberfl(
         "plot", str(run_dir), "-o", str(tmp_path / "cli.png"), "--metric", "personal_acc_mean"
     )
     assert done.returncode == 0 and (tmp_path / "cli.png").is_file(), done.stderr
@@ -354,7 +339,7 @@ def test_resume_after_a_kill_gives_the_same_bits(
     run_dir = tmp_path / "cut"
     # Killed at the 5th uplink of round 3, after the checkpoint of round 2: some
     # clients of round 3 have already stored new personal models by then.
-    done = _emberfl(
+    done = emberfl(
         *COMMAND,
         "--workers",
         "1",
@@ -364,7 +349,7 @@ def test_resume_after_a_kill_gives_the_same_bits(
     )
     assert done.returncode != 0 and not (run_dir / "model.safetensors").exists(), done.stderr
     assert (run_dir / "latest").read_text().strip() == "checkpoint-2"
-    done = _emberfl("resume", str(run_dir), "--no-progress", "-q")
+    done = emberfl("resume", str(run_dir), "--no-progress", "-q")
     assert done.returncode == 0, done.stdout + done.stderr
     whole = layout_runs["workers1"]
     assert model_bytes(run_dir) == model_bytes(whole)

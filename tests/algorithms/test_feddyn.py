@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from cli_run import emberfl
 from emberfl import store
 from emberfl.config import SimulationConfig
 from emberfl.contrib.fedavg import (
@@ -325,17 +323,8 @@ COMMAND = [
 ]  # fmt: skip
 
 
-def _emberfl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    return subprocess.run(
-        [sys.executable, "-m", "emberfl", *args],
-        capture_output=True, text=True, env={**base, **(env or {})}, timeout=300, check=False,
-        start_new_session=True,  # a crash point kills its process group, not this one
-    )  # fmt: skip
-
-
 def _run(out: Path, *flags: str) -> None:
-    done = _emberfl(*COMMAND, *flags, "--out", str(out))
+    done = emberfl(*COMMAND, *flags, "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -397,7 +386,7 @@ def test_a_killed_run_resumes_bit_for_bit(
     cut = tmp_path / "cut"
     # Killed once round 3 is trained and logged: its clients' g_i are rewritten, the
     # latest checkpoint is round 2's.
-    crashed = _emberfl(
+    crashed = emberfl(
         *COMMAND, "--workers", "1", "--checkpoint-every", "2", "--out", str(cut),
         env={CRASH_ENV: "metrics.row:3"},
     )  # fmt: skip
@@ -405,7 +394,7 @@ def test_a_killed_run_resumes_bit_for_bit(
     assert (cut / "latest").read_text().strip() == "checkpoint-2"
     server = store.load(cut / "checkpoint-2" / "server.safetensors")
     assert server["feddyn.h"].abs().max() > 0
-    done = _emberfl("resume", str(cut), "--no-progress", "-q")
+    done = emberfl("resume", str(cut), "--no-progress", "-q")
     assert done.returncode == 0, done.stdout + done.stderr
     assert model_bytes(cut) == model_bytes(tmp_path / "whole")
     whole, resumed = _gradients(tmp_path / "whole"), _gradients(cut)
@@ -415,7 +404,7 @@ def test_a_killed_run_resumes_bit_for_bit(
 @pytest.mark.slow
 @pytest.mark.parametrize("bad", ["-1", "0", "nan", "inf", "abc"])
 def test_a_bad_alpha_dyn_is_refused_by_name(tmp_path: Path, bad: str) -> None:
-    done = _emberfl(*COMMAND, "--alpha-dyn", bad, "--out", str(tmp_path / "run"))
+    done = emberfl(*COMMAND, "--alpha-dyn", bad, "--out", str(tmp_path / "run"))
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     if bad == "abc":

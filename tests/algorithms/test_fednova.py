@@ -5,9 +5,6 @@ across folding and ranks, and ``emberfl run`` on every runtime, bit for bit, res
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from cli_run import emberfl
 from emberfl.contrib.fedavg import (
     FedAvgBaseServerHandler,
     FedAvgClientUpdate,
@@ -32,7 +30,6 @@ from emberfl.contrib.fednova import (
 )
 from emberfl.core import serialize_model
 from emberfl.core.fold import InProcessFold
-from emberfl.crashpoints import CRASH_ENV
 from emberfl.distributed.trainer import read_stand_ins, write_stand_ins
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -267,23 +264,8 @@ COMMAND = [
 ]  # fmt: skip
 
 
-def _emberfl(*args: str, crash: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", CRASH_ENV)}
-    if crash is not None:
-        env[CRASH_ENV] = crash
-    return subprocess.run(
-        [sys.executable, "-m", "emberfl", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-        start_new_session=True,  # a crash point kills its whole process group
-    )
-
-
 def _run(out: Path, *flags: str, algorithm: str = "fednova") -> None:
-    done = _emberfl(*COMMAND, "--algorithm", algorithm, *flags, "--out", str(out))
+    done = emberfl(*COMMAND, "--algorithm", algorithm, *flags, "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -328,10 +310,10 @@ def test_a_resumed_run_gives_the_same_bits(
     _run(tmp_path / "whole", "--workers", "1")
     cut = tmp_path / "cut"
     flags = ["--workers", "1", "--checkpoint-every", "2", "--out", str(cut)]
-    killed = _emberfl(*COMMAND, "--algorithm", "fednova", *flags, crash="checkpoint.latest:1")
+    killed = emberfl(*COMMAND, "--algorithm", "fednova", *flags, crash="checkpoint.latest:1")
     assert killed.returncode == -9, killed.stderr
     assert (cut / "latest").read_text().strip() == "checkpoint-2"
-    resumed = _emberfl("resume", str(cut), "--no-progress")
+    resumed = emberfl("resume", str(cut), "--no-progress")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert model_bytes(cut) == model_bytes(tmp_path / "whole")
     assert model_bytes(cut) != model_bytes(fedavg_run)

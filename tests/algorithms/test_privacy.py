@@ -18,6 +18,7 @@ import torch
 
 dpa = pytest.importorskip("dp_accounting", reason="the privacy extra is not installed")
 
+from cli_run import emberfl  # noqa: E402
 from emberfl.config import ConfigError, SimulationConfig  # noqa: E402
 from emberfl.contrib.fedavg import FedAvgDownlinkPackage, FedAvgUplinkPackage  # noqa: E402
 from emberfl.contrib.fedavg.server import SAMPLERS  # noqa: E402
@@ -314,23 +315,8 @@ COMMAND = [
 DP = ["--dp", "central", "--clip", "0.5", "--noise-multiplier", "1.1"]
 
 
-def _emberfl(*args: str, crash: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", CRASH_ENV)}
-    if crash is not None:
-        env[CRASH_ENV] = crash
-    return subprocess.run(
-        [sys.executable, "-m", "emberfl", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-        start_new_session=True,
-    )
-
-
 def _run(out: Path, *flags: str) -> None:
-    done = _emberfl(*COMMAND, *flags, "--out", str(out))
+    done = emberfl(*COMMAND, *flags, "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -382,12 +368,12 @@ def test_a_resumed_private_run_gives_the_same_bits_and_epsilon(
     flags = ["--dp", "adaptive", "--noise-multiplier", "0.9", "--sampler", "poisson"]
     _run(tmp_path / "whole", *flags, "--workers", "1")
     cut = tmp_path / "cut"
-    killed = _emberfl(
+    killed = emberfl(
         *COMMAND, *flags, "--workers", "1", "--checkpoint-every", "2", "--out", str(cut),
         crash="checkpoint.latest:1",
     )  # fmt: skip
     assert killed.returncode == -9, killed.stderr
-    resumed = _emberfl("resume", str(cut), "--no-progress")
+    resumed = emberfl("resume", str(cut), "--no-progress")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert model_bytes(cut) == model_bytes(tmp_path / "whole")
     whole, again = read_metrics(tmp_path / "whole"), read_metrics(cut)
@@ -416,7 +402,7 @@ def test_the_budget_stops_the_run_or_calibrates_the_noise(tmp_path: Path) -> Non
 def test_a_poisson_round_without_clients_still_releases_noise(tmp_path: Path) -> None:
     # 20 clients at q = 0.05: a round draws none now and then.
     flags = ["--dp", "central", "--noise-multiplier", "1.0", "--sampler", "poisson"]
-    done = _emberfl(
+    done = emberfl(
         "run", "--clients", "20", "--sample-ratio", "0.05", "--rounds", "6", "--epochs", "1",
         "--seed", "0", "--runtime", "serial", "--no-progress", "--quiet", *flags,
         "--out", str(tmp_path / "run"),
